@@ -1,0 +1,174 @@
+"""SAM adapter over segment_anything: one image-encoder pass per image, reused by point prompts and by automatic
+mask generation.
+
+Coordinates: callers give continuous `(x, y)` original-image pixels (the centre of pixel column j is j + 0.5).
+segment_anything's prompt encoder instead treats a coordinate as a pixel *index* (it adds 0.5 to reach the pixel
+centre), so a continuous point is scaled into the resized input frame and then shifted by -0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from fmbseg.device import autocast
+from fmbseg.models.base import AutoMask, AutoMaskConfig, SamEmbedding
+
+
+@dataclass(frozen=True)
+class SamArch:
+    """A SAM architecture (segment_anything's `_build_sam` with every size a parameter).
+
+    Defaults are the released models' (1024 px input, 16 px patches, 256-d prompts)."""
+
+    name: str
+    encoder_embed_dim: int
+    encoder_depth: int
+    encoder_num_heads: int
+    encoder_global_attn_indexes: tuple[int, ...]
+    image_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+    mask_in_chans: int = 16
+    pixel_mean: tuple[float, float, float] = field(default=(123.675, 116.28, 103.53))
+    pixel_std: tuple[float, float, float] = field(default=(58.395, 57.12, 57.375))
+
+
+def build_sam(arch: SamArch) -> nn.Module:
+    """A randomly initialised `segment_anything.modeling.Sam` (honours an enclosing `torch.device` context)."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    grid = arch.image_size // arch.patch_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=arch.encoder_depth,
+            embed_dim=arch.encoder_embed_dim,
+            img_size=arch.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=arch.encoder_num_heads,
+            patch_size=arch.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=list(arch.encoder_global_attn_indexes),
+            window_size=arch.window_size,
+            out_chans=arch.prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=arch.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(arch.image_size, arch.image_size),
+            mask_in_chans=arch.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=2,
+                embedding_dim=arch.prompt_embed_dim,
+                mlp_dim=arch.decoder_mlp_dim,
+                num_heads=arch.decoder_num_heads,
+            ),
+            transformer_dim=arch.prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=arch.iou_head_hidden_dim,
+        ),
+        pixel_mean=list(arch.pixel_mean),
+        pixel_std=list(arch.pixel_std),
+    )
+    return sam.eval()
+
+
+class SegmentAnythingModel:
+    """`SamModel` over a segment_anything `Sam` (frozen, eval mode)."""
+
+    def __init__(self, sam: nn.Module, model_id: str, device: torch.device, weights_sha256: str | None = None):
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.sam = sam.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.model_id = model_id
+        self.weights_sha256 = weights_sha256
+        self.image_size = int(sam.image_encoder.img_size)
+        self.transform = ResizeLongestSide(self.image_size)
+
+    # -- encoder ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, image: np.ndarray) -> SamEmbedding:
+        """(H, W, 3) uint8 RGB -> one image-encoder pass; features (1, C, h, w) float32 on the device.
+
+        Preprocessing is SamPredictor's: resize the long side to `image_size` (PIL), normalise, pad bottom-right."""
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            desc = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
+            raise ValueError(f"SAM embed expects an (H, W, 3) uint8 RGB array, got {desc.strip()}")
+        h, w = image.shape[:2]
+        resized = self.transform.apply_image(image)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
+        x = self.sam.preprocess(x)
+        with autocast(self.device):
+            features = self.sam.image_encoder(x)
+        return SamEmbedding(original_hw=(h, w), input_hw=tuple(resized.shape[:2]), features=features.float())
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+    def _features(self, emb: SamEmbedding) -> torch.Tensor:
+        f = emb.features
+        dim = self.sam.prompt_encoder.embed_dim
+        if not isinstance(f, torch.Tensor) or f.ndim != 4 or f.shape[:2] != (1, dim):
+            raise TypeError(
+                f"this SamEmbedding was not made by {self.model_id} (expected features (1, {dim}, h, w), got "
+                f"{type(f).__name__} {tuple(getattr(f, 'shape', ()))})"
+            )
+        return f.to(self.device)
+
+    def to_model_coords(self, points: np.ndarray, original_hw: tuple[int, int]) -> np.ndarray:
+        """Continuous (x, y) original px -> segment_anything's input-frame pixel-index coordinates."""
+        return self.transform.apply_coords(np.asarray(points, dtype=np.float64), original_hw) - 0.5
+
+    @torch.no_grad()
+    def decode(self, emb: SamEmbedding, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """points (N, n, 2) continuous original px, all positive -> mask logits (N, 3, H, W) at the original
+        resolution and predicted IoU (N, 3), float32 on the device, from ONE prompt-encoder/decoder call."""
+        features = self._features(emb)
+        coords = torch.as_tensor(self.to_model_coords(points, emb.original_hw), dtype=torch.float32, device=self.device)
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
+        # Prompt and dense positional encodings stay float32: they are sin/cos of coordinates times random
+        # frequencies, and bf16's 8-bit mantissa would move a point by several input pixels.
+        sparse, dense = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        image_pe = self.sam.prompt_encoder.get_dense_pe()
+        with autocast(self.device):
+            low_res, iou = self.sam.mask_decoder(
+                image_embeddings=features,
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+            )
+        logits = self.sam.postprocess_masks(low_res.float(), emb.input_hw, emb.original_hw)
+        return logits, iou.float()
+
+    def predict_points(self, emb: SamEmbedding, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """points (N, n, 2) (x, y) original px -> masks (N, 3, H, W) bool, iou_pred (N, 3) float32 (multimask)."""
+        points = np.asarray(points, dtype=np.float64)
+        if points.ndim != 3 or points.shape[2] != 2 or (points.shape[0] and points.shape[1] == 0):
+            raise ValueError(f"points must be (N, n, 2) (x, y) with n >= 1, got shape {points.shape}")
+        if not np.isfinite(points).all():
+            raise ValueError("points contain NaN or infinite coordinates")
+        h, w = emb.original_hw
+        if points.shape[0] == 0:
+            return np.zeros((0, 3, h, w), dtype=bool), np.zeros((0, 3), dtype=np.float32)
+        logits, iou = self.decode(emb, points)
+        masks = (logits > self.sam.mask_threshold).cpu().numpy()
+        return masks, iou.cpu().numpy().astype(np.float32)
+
+    def generate(self, emb: SamEmbedding, cfg: AutoMaskConfig) -> list[AutoMask]:
+        """Automatic masks from the precomputed embedding (see `fmbseg.models.sam_automask`)."""
+        from fmbseg.models.sam_automask import generate_masks
+
+        return generate_masks(self, emb, cfg)

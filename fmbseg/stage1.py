@@ -1,0 +1,269 @@
+"""The per-image Stage-1 algorithm (DESIGN §1): CLIP crop detection + SAM point queries (1.1), SAM automatic masks
+labeled by pooled dense CLIP (1.2), scores, and the seeded merge into one pseudo-label map.
+
+One CLIP sliding-window pass and ONE SAM image embedding per image serve both stages. Coordinates are original
+image px, (x, y), x right, y down; masks and label maps are (H, W) at the original resolution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fmbseg import IGNORE_LABEL
+from fmbseg.device import synchronize
+from fmbseg.models.base import AutoMaskConfig, ClipModel, SamModel
+from fmbseg.models.sliding import sliding_window_features
+from fmbseg.pooling import mask_pool
+
+STAGE_11 = "1.1"
+STAGE_12 = "1.2"
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Every Stage-1 threshold (DESIGN §1) with its default. The resolved config is hashed by the campaign."""
+
+    upscale: float = 2.0
+    max_side: int = 2048
+    clip_batch_size: int = 32
+    min_crop_votes: int = 1
+    points_per_class: int = 5
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    min_area_frac: float = 0.0005
+    max_area_frac: float = 0.95
+    stage12_fraction: float = 0.75
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+
+    def __post_init__(self):
+        if isinstance(self.templates, str):
+            raise ValueError("templates must be a list of strings, not one string")
+        object.__setattr__(self, "templates", tuple(self.templates))
+        problems = []
+        if isinstance(self.upscale, bool) or not isinstance(self.upscale, (int, float)) or not self.upscale > 0:
+            problems.append(f"upscale must be > 0 (got {self.upscale})")
+        for name in ("max_side", "clip_batch_size", "min_crop_votes", "points_per_class", "points_per_side",
+                     "points_per_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                problems.append(f"{name} must be an integer >= 1 (got {v!r})")
+        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "min_area_frac",
+                     "max_area_frac", "stage12_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                problems.append(f"{name} must be a number in [0, 1] (got {v!r})")
+        if not problems and self.min_area_frac > self.max_area_frac:
+            problems.append(f"min_area_frac {self.min_area_frac} exceeds max_area_frac {self.max_area_frac}")
+        if not self.templates:
+            problems.append("templates must hold at least one template")
+        for t in self.templates:
+            if not isinstance(t, str) or t.count("{}") != 1:
+                problems.append(f"template {t!r} must be a string with exactly one '{{}}'")
+        if problems:
+            raise ValueError("invalid Stage-1 config: " + "; ".join(problems))
+        # Canonical types, so {"upscale": 2} and the default 2.0 hash to the same campaign config.
+        for f in fields(self):
+            if f.type == "float":
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
+            elif f.type == "int":
+                object.__setattr__(self, f.name, int(getattr(self, f.name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field (templates as a list)."""
+        d = asdict(self)
+        d["templates"] = list(self.templates)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Stage1Config":
+        """Fields missing from `d` take their defaults; an unknown key is an error naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown Stage-1 config field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def auto_mask_config(self) -> AutoMaskConfig:
+        return AutoMaskConfig(
+            points_per_side=self.points_per_side,
+            points_per_batch=self.points_per_batch,
+            pred_iou_thresh=self.pred_iou_thresh,
+            stability_score_thresh=self.stability_score_thresh,
+            stability_score_offset=self.stability_score_offset,
+            box_nms_thresh=self.box_nms_thresh,
+            min_area_frac=self.min_area_frac,
+            max_area_frac=self.max_area_frac,
+        )
+
+
+@dataclass
+class Stage1Mask:
+    """One pseudo-mask: `mask (H, W) bool`; `score` = cosine(mean dense CLIP under the mask, class text);
+    `sam_score` = SAM's predicted IoU."""
+
+    stage: str
+    class_id: int
+    score: float
+    sam_score: float
+    mask: np.ndarray
+
+
+@dataclass
+class Stage1Result:
+    """Stage 1 of one image. `masks`: all 1.1 masks (class-id order) then all 1.2 masks (SAM order), mask_id =
+    index; `selected (n,) bool` the merge selection; `label (H, W) uint16` with IGNORE_LABEL where uncovered;
+    `timings` in seconds: clip, sam_encoder, sam_decoder, labeling."""
+
+    height: int
+    width: int
+    detected: list[int]
+    masks: list[Stage1Mask]
+    selected: np.ndarray
+    label: np.ndarray
+    timings: dict[str, float]
+
+
+def selection_rng(seed: int, image_id: str) -> np.random.Generator:
+    """The generator of the 1.2 draw: seeded by (campaign seed, first 8 bytes of sha256(image_id) big-endian), so
+    the draw is the same in every rerun and every worker, and independent between images."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(image_id, str):
+        raise TypeError(f"image_id must be a string, got {type(image_id).__name__}")
+    digest = hashlib.sha256(image_id.encode("utf-8")).digest()
+    return np.random.default_rng([int(seed), int.from_bytes(digest[:8], "big")])
+
+
+def select_masks(stages: Sequence[str], fraction: float, seed: int, image_id: str) -> np.ndarray:
+    """(n,) bool: every 1.1 mask, plus exactly round(fraction * n12) of the n12 1.2 masks (halves round up) drawn
+    without replacement by `selection_rng(seed, image_id)`."""
+    stages = list(stages)
+    selected = np.array([s == STAGE_11 for s in stages], dtype=bool)
+    idx12 = np.flatnonzero([s == STAGE_12 for s in stages])
+    k = int(math.floor(fraction * idx12.size + 0.5))
+    if k:
+        chosen = selection_rng(seed, image_id).choice(idx12.size, size=k, replace=False)
+        selected[idx12[chosen]] = True
+    return selected
+
+
+def merge_label_map(masks: Sequence[Stage1Mask], selected: np.ndarray | Sequence[bool], height: int,
+                    width: int) -> np.ndarray:
+    """Paint the selected masks in increasing `score` order (the highest score wins an overlap; equal scores: the
+    later mask wins) -> (H, W) uint16 class ids, IGNORE_LABEL where no selected mask covers."""
+    selected = np.asarray(selected, dtype=bool)
+    if selected.shape != (len(masks),):
+        raise ValueError(f"selected must have one flag per mask ({len(masks)}), got shape {selected.shape}")
+    label = np.full((height, width), IGNORE_LABEL, dtype=np.uint16)
+    idx = np.flatnonzero(selected)
+    order = idx[np.argsort([masks[i].score for i in idx], kind="stable")]
+    for i in order:
+        m = masks[i]
+        if m.mask.shape != (height, width):
+            raise ValueError(f"mask {i} has shape {m.mask.shape}, the label map is {(height, width)}")
+        if not 0 <= m.class_id < IGNORE_LABEL:
+            raise ValueError(f"mask {i} has class id {m.class_id}, outside [0, {IGNORE_LABEL})")
+        label[m.mask] = m.class_id
+    return label
+
+
+class _Clock:
+    def __init__(self, devices: Sequence[torch.device]):
+        self.devices = list(devices)
+        self.times: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        for d in self.devices:
+            synchronize(d)
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self._t
+        self._t = now
+
+
+def run_stage1(
+    image: np.ndarray,
+    clip: ClipModel,
+    sam: SamModel,
+    text: torch.Tensor,
+    config: Stage1Config,
+    seed: int,
+    image_id: str,
+) -> Stage1Result:
+    """Stage 1 of one image (DESIGN §1).
+
+    image: (H, W, 3) uint8 RGB, upright. text: (K, D) class text embeddings (made with `config.templates`;
+    normalised here again). Masks with no pixel are dropped. Images with no detected class get no masks (and no
+    SAM pass)."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {getattr(image, 'shape', None)} "
+                         f"{getattr(image, 'dtype', None)}")
+    if not isinstance(text, torch.Tensor) or text.ndim != 2 or text.shape[0] < 1:
+        raise ValueError(f"text must be a (K, D) tensor with K >= 1, got {tuple(getattr(text, 'shape', ()))}")
+    if text.shape[1] != clip.embed_dim:
+        raise ValueError(f"text embeddings have D={text.shape[1]}, {clip.model_id} embeds into D={clip.embed_dim}")
+    selection_rng(seed, image_id)  # validates seed and image_id before any model work
+    H, W = image.shape[:2]
+    K = text.shape[0]
+    clock = _Clock([clip.device, sam.device])
+    timings = {"clip": 0.0, "sam_encoder": 0.0, "sam_decoder": 0.0, "labeling": 0.0}
+
+    # Stage 1.1, CLIP: crops vote for their arg-max class; the stitched dense map locates each detected class.
+    sf = sliding_window_features(clip, image, config.upscale, config.max_side, config.clip_batch_size)
+    text = F.normalize(text.to(sf.dense.device, torch.float32), dim=-1)
+    votes = torch.bincount((sf.crop_cls @ text.T).argmax(1), minlength=K)
+    detected = [int(k) for k in torch.nonzero(votes >= config.min_crop_votes).flatten().tolist()]
+    points = None
+    if detected:
+        dense = sf.dense.reshape(-1, sf.dense.shape[-1])
+        sims = dense @ text[detected].T  # (cells, n_detected)
+        top = sims.topk(min(config.points_per_class, dense.shape[0]), dim=0).indices.T.cpu().numpy()  # (nd, k)
+        points = sf.cell_centres().reshape(-1, 2)[top]  # (nd, k, 2) (x, y) original px
+    clock.lap("clip")
+
+    masks: list[Stage1Mask] = []
+    if detected:
+        emb = sam.embed(image)
+        clock.lap("sam_encoder")
+
+        # Stage 1.1, SAM: all detected classes' point sets in one decoder call; keep the best multimask output.
+        m11, iou11 = sam.predict_points(emb, points)
+        iou11 = np.asarray(iou11, dtype=np.float32)
+        best = iou11.argmax(1)
+        # Copies, so the result does not keep the whole (N, 3, H, W) multimask array alive.
+        cand = [(k, np.array(m11[i, best[i]], dtype=bool), float(iou11[i, best[i]]), STAGE_11)
+                for i, k in enumerate(detected)]
+        # Stage 1.2: automatic masks from the same embedding.
+        autos = sam.generate(emb, config.auto_mask_config())
+        cand += [(-1, a.segmentation, float(a.predicted_iou), STAGE_12) for a in autos]
+        cand = [c for c in cand if c[1].any()]
+        clock.lap("sam_decoder")
+
+        if cand:
+            stack = np.stack([np.asarray(c[1], dtype=bool) for c in cand])
+            pooled = F.normalize(mask_pool(stack, sf.dense, sf.cell_size_xy), dim=-1)
+            cos = (pooled @ text.T).cpu().numpy()  # (n, K)
+            det = np.asarray(detected)
+            for i, (k, m, sam_score, stage) in enumerate(cand):
+                if stage == STAGE_12:
+                    k = int(det[cos[i, det].argmax()])
+                masks.append(Stage1Mask(stage=stage, class_id=int(k), score=float(cos[i, k]),
+                                        sam_score=sam_score, mask=m))
+    selected = select_masks([m.stage for m in masks], config.stage12_fraction, seed, image_id)
+    label = merge_label_map(masks, selected, H, W)
+    clock.lap("labeling")
+    timings.update(clock.times)
+    return Stage1Result(height=H, width=W, detected=detected, masks=masks, selected=selected, label=label,
+                        timings=timings)

@@ -1,0 +1,192 @@
+"""Weight loading: the user's path round-trips, files are found in order, bad files get specific errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fmbseg.models.registry import build
+from fmbseg.models.weights import (
+    CorruptWeightsError,
+    WeightsEntry,
+    WeightsMismatchError,
+    WeightsNotFoundError,
+    convert_torchscript,
+    file_sha256,
+    read_state_dict,
+    resolve_weights,
+)
+from fmbseg.presets import make_clip, make_dino, make_sam
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch, tmp_path):
+    monkeypatch.setenv("FMBSEG_OFFLINE", "1")
+    monkeypatch.setenv("FMBSEG_WEIGHTS_DIR", str(tmp_path / "weights"))
+
+
+def _random_module(role: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    module = build(role, "tiny")
+    with torch.no_grad():  # move every tensor away from the preset's seeded init
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return module
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_clip_round_trip_through_make_clip(tmp_path):
+    source = _random_module("clip", 11)
+    path = tmp_path / "clip.pt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    clip = make_clip("tiny", device="cpu", weights=str(path))
+    crops = torch.rand(2, 3, 64, 64)
+    fresh = make_clip("tiny", device="cpu")
+    assert clip.weights_sha256 == _sha(path) and fresh.weights_sha256 is None
+    from fmbseg.models.clip import OpenClipModel
+
+    ref = OpenClipModel(source, "ref", torch.device("cpu"))
+    for a, b in zip(clip.encode_crops(crops), ref.encode_crops(crops)):
+        assert torch.equal(a, b)
+    assert torch.equal(clip.encode_text(["red", "blue"]), ref.encode_text(["red", "blue"]))
+    assert not torch.allclose(fresh.encode_crops(crops)[0], ref.encode_crops(crops)[0])
+
+
+def test_sam_round_trip_through_make_sam(tmp_path):
+    source = _random_module("sam", 12)
+    path = tmp_path / "sam.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    sam = make_sam("tiny", device="cpu", weights=str(path))
+    from fmbseg.models.sam import SegmentAnythingModel
+
+    ref = SegmentAnythingModel(source, "ref", torch.device("cpu"))
+    image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    points = np.array([[[10.0, 10.0]], [[30.0, 20.0]]])
+    m1, i1 = sam.predict_points(sam.embed(image), points)
+    m2, i2 = ref.predict_points(ref.embed(image), points)
+    assert np.array_equal(m1, m2) and np.array_equal(i1, i2)
+    assert sam.weights_sha256 == _sha(path)
+
+
+def test_dino_round_trip_through_make_dino_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    source = _random_module("dino", 13)
+    path = tmp_path / "dino.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    dino = make_dino("tiny", device="cpu", weights=str(path))
+    from fmbseg.models.dino import HfDinoModel
+
+    ref = HfDinoModel(source, "ref", torch.device("cpu"))
+    images = torch.rand(2, 3, 42, 28)
+    assert torch.equal(dino.features(images), ref.features(images))
+    assert dino.weights_sha256 == _sha(path)
+
+
+def test_wrong_architecture_names_missing_unexpected_and_wrong_shape_keys(tmp_path):
+    sd = build("sam", "tiny").state_dict()
+    sd.pop("mask_decoder.iou_token.weight")
+    sd.pop("image_encoder.neck.0.weight")
+    sd["image_encoder.blocks.7.norm1.weight"] = torch.zeros(32)
+    sd["prompt_encoder.not_a_point_embed.weight"] = torch.zeros(1, 99)
+    path = tmp_path / "bad_sam.pth"
+    torch.save(sd, path)
+    with pytest.raises(WeightsMismatchError) as err:
+        make_sam("tiny", device="cpu", weights=str(path))
+    msg = str(err.value)
+    print("\n" + msg)
+    assert str(path) in msg and "tiny sam" in msg
+    assert "missing keys: 2 (" in msg and "mask_decoder.iou_token.weight" in msg and "image_encoder.neck.0.weight" in msg
+    assert "unexpected keys: 1 (image_encoder.blocks.7.norm1.weight)" in msg
+    assert "wrong-shape keys (file vs model): 1 (prompt_encoder.not_a_point_embed.weight (1, 99) vs (1, 32))" in msg
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    path = tmp_path / "clip_given_to_dino.pt"
+    torch.save(build("clip", "tiny").state_dict(), path)
+    with pytest.raises(WeightsMismatchError, match=r"does not fit the tiny dino \(tiny\) architecture: missing keys: \d+"):
+        make_dino("tiny", device="cpu", weights=str(path))
+
+
+def test_corrupt_files_get_an_error_naming_the_file(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(build("dino", "tiny").state_dict(), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    for path in (truncated, garbage):
+        with pytest.raises(CorruptWeightsError, match=f"cannot read weights file {path}"):
+            make_dino("tiny", device="cpu", weights=str(path))
+    not_sd = tmp_path / "list.pt"
+    torch.save([1, 2, 3], not_sd)
+    with pytest.raises(CorruptWeightsError, match="does not hold a state dict"):
+        read_state_dict(not_sd)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch marks jit.script/save/load deprecated
+def test_torchscript_archive_is_not_unpickled_but_can_be_converted(tmp_path):
+    torch.manual_seed(0)
+    scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)))
+    archive = tmp_path / "ViT-X.pt"
+    torch.jit.save(scripted, str(archive))
+    with pytest.raises(CorruptWeightsError, match="TorchScript archive") as err:
+        read_state_dict(archive)
+    assert "convert-torchscript" in str(err.value)
+    out = tmp_path / "converted.pt"
+    convert_torchscript(str(archive), str(out))
+    sd = read_state_dict(out)
+    assert sd.keys() == scripted.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in scripted.state_dict().items())
+
+
+def test_missing_files_name_the_file_and_where_to_put_it(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(WeightsNotFoundError, match=f"weights file {missing} .* does not exist"):
+        make_clip("tiny", device="cpu", weights=str(missing))
+    with pytest.raises(WeightsNotFoundError) as err:
+        make_sam("base", device="cpu")
+    msg = str(err.value)
+    print("\n" + msg)
+    assert "sam_vit_b_01ec64.pth" in msg and str(tmp_path / "weights") in msg
+    assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth" in msg
+    assert "offline" in msg and "FMBSEG_WEIGHTS_DIR" in msg
+    with pytest.raises(WeightsNotFoundError, match="open_clip_ViT-B-16_openai.safetensors"):
+        make_clip("base", device="cpu")
+    with pytest.raises(WeightsNotFoundError, match="dinov2-base.safetensors"):
+        make_dino("base", device="cpu")
+
+
+def _entry(tmp_path, sha256=None) -> tuple[WeightsEntry, bytes]:
+    payload = tmp_path / "served.pt"
+    torch.save({"w": torch.arange(5.0)}, payload)
+    data = payload.read_bytes()
+    return WeightsEntry("test:served", "served-copy.pt", payload.as_uri(), "a local file URL", sha256=sha256), data
+
+
+def test_resolution_order_and_checked_download(tmp_path, monkeypatch):
+    entry, data = _entry(tmp_path, sha256=hashlib.sha256(b"").hexdigest())
+    target = tmp_path / "weights" / "served-copy.pt"
+    with pytest.raises(WeightsNotFoundError, match="offline"):
+        resolve_weights(entry)
+
+    monkeypatch.delenv("FMBSEG_OFFLINE")
+    with pytest.raises(CorruptWeightsError, match="expected " + hashlib.sha256(b"").hexdigest()):
+        resolve_weights(entry)
+    assert not target.exists() and os.listdir(target.parent) == []  # nothing half-written is left
+
+    good, _ = _entry(tmp_path, sha256=hashlib.sha256(data).hexdigest())
+    assert resolve_weights(good) == target and target.read_bytes() == data
+    assert file_sha256(target) == good.sha256
+
+    monkeypatch.setenv("FMBSEG_OFFLINE", "1")
+    assert resolve_weights(good) == target  # found in the weights directory, no download needed
+    explicit = tmp_path / "served.pt"
+    assert resolve_weights(good, explicit) == explicit  # an explicit path wins

@@ -1,0 +1,232 @@
+"""Per-image Stage 1 (DESIGN §1): config, the seeded selection rule, painting order, and the planted-signal check
+on the synthetic world with the oracle models (merged / 1.1 / 1.2 mIoU on the pixels each map covers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fmbseg import IGNORE_LABEL
+from fmbseg.stage1 import (Stage1Config, Stage1Mask, merge_label_map, run_stage1, select_masks,
+                           selection_rng)
+from fmbseg.testing.oracle import build_oracle_clip, build_oracle_sam
+from fmbseg.testing.palette import NUM_COLOURS, PALETTE_NAMES
+from fmbseg.testing.world import DEFAULT_SIZES, load_annotation, make_world_image, write_world
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+def test_config_defaults_and_round_trip():
+    c = Stage1Config()
+    assert (c.upscale, c.max_side, c.clip_batch_size, c.min_crop_votes, c.points_per_class) == (2.0, 2048, 32, 1, 5)
+    assert (c.points_per_side, c.points_per_batch, c.pred_iou_thresh, c.stability_score_thresh) == (32, 64, 0.88, 0.95)
+    assert (c.box_nms_thresh, c.min_area_frac, c.max_area_frac, c.stage12_fraction) == (0.7, 0.0005, 0.95, 0.75)
+    assert c.templates == ("a photo of a {}.",)
+    d = c.to_dict()
+    assert d["templates"] == ["a photo of a {}."]
+    assert Stage1Config.from_dict(d) == c
+    # Partial dicts take defaults; ints given for float fields are canonicalised (same config hash).
+    assert Stage1Config.from_dict({"upscale": 2}).to_dict() == d
+    am = Stage1Config(points_per_side=8).auto_mask_config()
+    assert am.points_per_side == 8 and am.min_area_frac == 0.0005
+    with pytest.raises(ValueError, match="unknown Stage-1 config field.*'upscal'"):
+        Stage1Config.from_dict({"upscal": 3})
+    with pytest.raises(ValueError, match="stage12_fraction"):
+        Stage1Config(stage12_fraction=1.5)
+    with pytest.raises(ValueError, match="points_per_class"):
+        Stage1Config(points_per_class=0)
+    with pytest.raises(ValueError, match="template"):
+        Stage1Config(templates=("a photo",))
+
+
+# -------------------------------------------------------------------------------------------- selection rule
+
+def test_selection_rule():
+    stages = ["1.1", "1.1"] + ["1.2"] * 10
+    for n12 in range(0, 21):
+        sel = select_masks(["1.1"] * 3 + ["1.2"] * n12, 0.75, seed=0, image_id="a.jpg")
+        assert sel[:3].all()
+        assert sel[3:].sum() == int(np.floor(0.75 * n12 + 0.5))  # exactly round(0.75 n), halves up
+    a = select_masks(stages, 0.75, seed=3, image_id="dir/img_001.png")
+    np.testing.assert_array_equal(a, select_masks(stages, 0.75, seed=3, image_id="dir/img_001.png"))
+    others = [select_masks(stages, 0.75, seed=3, image_id=f"dir/img_{i:03d}.png") for i in range(2, 8)]
+    assert any((o != a).any() for o in others)  # depends on the image id
+    assert any((select_masks(stages, 0.75, seed=s, image_id="dir/img_001.png") != a).any() for s in range(4, 9))
+    assert select_masks(stages, 0.0, 0, "x")[2:].sum() == 0 and select_masks(stages, 1.0, 0, "x").all()
+    # The generator is seeded by (seed, first 8 bytes of sha256(image_id)): reproducible by hand.
+    import hashlib
+    key = int.from_bytes(hashlib.sha256(b"x.png").digest()[:8], "big")
+    assert selection_rng(5, "x.png").random() == np.random.default_rng([5, key]).random()
+    with pytest.raises(ValueError, match="seed"):
+        selection_rng(-1, "x")
+    with pytest.raises(TypeError, match="image_id"):
+        selection_rng(0, 42)
+
+
+def test_painting_order_hand_made():
+    H, W = 4, 6
+
+    def box(y0, y1, x0, x1):
+        m = np.zeros((H, W), dtype=bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    masks = [
+        Stage1Mask("1.1", 3, score=0.9, sam_score=0.95, mask=box(0, 4, 0, 3)),   # left half, strongest
+        Stage1Mask("1.2", 5, score=0.5, sam_score=0.95, mask=box(0, 2, 0, 6)),   # top rows, weakest
+        Stage1Mask("1.2", 7, score=0.7, sam_score=0.95, mask=box(1, 3, 2, 5)),   # centre
+        Stage1Mask("1.2", 9, score=0.99, sam_score=0.95, mask=box(0, 4, 5, 6)),  # not selected
+    ]
+    label = merge_label_map(masks, [True, True, True, False], H, W)
+    I = IGNORE_LABEL
+    expect = np.array([
+        [3, 3, 3, 5, 5, 5],
+        [3, 3, 3, 7, 7, 5],
+        [3, 3, 3, 7, 7, I],
+        [3, 3, 3, I, I, I],
+    ], dtype=np.uint16)
+    np.testing.assert_array_equal(label, expect)
+    assert label.dtype == np.uint16
+    # Equal scores: the later mask wins.
+    tie = [Stage1Mask("1.2", 1, 0.5, 0.9, box(0, 4, 0, 6)), Stage1Mask("1.2", 2, 0.5, 0.9, box(0, 4, 0, 6))]
+    assert (merge_label_map(tie, [True, True], H, W) == 2).all()
+    with pytest.raises(ValueError, match="one flag per mask"):
+        merge_label_map(masks, [True], H, W)
+
+
+# ----------------------------------------------------------------------------------- the planted-signal check
+
+class CountingSam:
+    """Wraps a SamModel, counting encoder passes and decoder calls and recording the point prompts."""
+
+    def __init__(self, sam):
+        self.sam = sam
+        self.image_size, self.model_id, self.weights_sha256, self.device = (
+            sam.image_size, sam.model_id, sam.weights_sha256, sam.device)
+        self.embeds, self.point_calls, self.generates, self.points = 0, 0, 0, []
+
+    def embed(self, image):
+        self.embeds += 1
+        return self.sam.embed(image)
+
+    def predict_points(self, emb, points):
+        self.point_calls += 1
+        self.points.append(np.asarray(points))
+        return self.sam.predict_points(emb, points)
+
+    def generate(self, emb, cfg):
+        self.generates += 1
+        return self.sam.generate(emb, cfg)
+
+
+class IoU:
+    def __init__(self):
+        self.inter = np.zeros(NUM_COLOURS)
+        self.union = np.zeros(NUM_COLOURS)
+        self.covered = 0
+        self.total = 0
+
+    def add(self, label: np.ndarray, gt: np.ndarray) -> None:
+        cov = label != IGNORE_LABEL
+        self.covered += int(cov.sum())
+        self.total += cov.size
+        p, g = label[cov].astype(np.int64), gt[cov]
+        self.inter += np.bincount(g[p == g], minlength=NUM_COLOURS)
+        self.union += np.bincount(p, minlength=NUM_COLOURS) + np.bincount(g, minlength=NUM_COLOURS)
+        self.union -= np.bincount(g[p == g], minlength=NUM_COLOURS)
+
+    @property
+    def miou(self) -> float:
+        v = self.union > 0
+        return float((self.inter[v] / self.union[v]).mean())
+
+    @property
+    def coverage(self) -> float:
+        return self.covered / self.total
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    paths = write_world(root, 2 * len(DEFAULT_SIZES), seed=11)  # every size as PNG and as JPEG
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append((p.name, np.asarray(im.convert("RGB")), load_annotation(p)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    clip = build_oracle_clip("cpu")
+    return clip, build_oracle_sam("cpu"), clip.encode_text(list(PALETTE_NAMES))
+
+
+def test_stage1_recovers_the_planted_labels(world, oracle):
+    clip, sam, text = oracle
+    cfg = Stage1Config()
+    merged, s11, s12 = IoU(), IoU(), IoU()
+    missed, n11, n12, n_sel, seconds = 0, 0, 0, 0, {}
+    for image_id, image, gt in world:
+        spy = CountingSam(sam)
+        r = run_stage1(image, clip, spy, text, cfg, seed=0, image_id=image_id)
+        H, W = gt.shape
+        assert (r.height, r.width) == (H, W) and r.label.shape == (H, W) and r.label.dtype == np.uint16
+        # One SAM encoder pass for both stages, one batched point-prompt call, one automatic generation.
+        assert (spy.embeds, spy.point_calls, spy.generates) == (1, 1, 1)
+        assert spy.points[0].shape == (len(r.detected), cfg.points_per_class, 2)
+        # Every point prompt lands on a pixel of its class: the grid -> original px mapping is right.
+        for k, pts in zip(r.detected, spy.points[0]):
+            cols, rows = np.floor(pts[:, 0]).astype(int), np.floor(pts[:, 1]).astype(int)
+            assert (gt[rows, cols] == k).all(), (image_id, PALETTE_NAMES[k], pts)
+        m11 = [m for m in r.masks if m.stage == "1.1"]
+        m12 = [m for m in r.masks if m.stage == "1.2"]
+        assert r.masks == m11 + m12 and [m.class_id for m in m11] == r.detected
+        assert all(m.class_id in r.detected and -1 <= m.score <= 1 + 1e-6 for m in r.masks)
+        assert all(m.sam_score == pytest.approx(0.95) for m in r.masks)
+        assert r.selected[: len(m11)].all() and r.selected[len(m11):].sum() == int(np.floor(0.75 * len(m12) + 0.5))
+        np.testing.assert_array_equal(r.label, merge_label_map(r.masks, r.selected, H, W))
+        assert set(r.timings) == {"clip", "sam_encoder", "sam_decoder", "labeling"}
+        for k, v in r.timings.items():
+            seconds[k] = seconds.get(k, 0.0) + v
+        missed += len(set(np.unique(gt).tolist()) - set(r.detected))
+        n11, n12, n_sel = n11 + len(m11), n12 + len(m12), n_sel + int(r.selected.sum())
+        merged.add(r.label, gt)
+        s11.add(merge_label_map(m11, np.ones(len(m11), bool), H, W), gt)
+        s12.add(merge_label_map(m12, np.ones(len(m12), bool), H, W), gt)
+
+    sizes = sorted({g.shape for _, _, g in world})
+    print(f"\nStage 1 on the oracle world: {len(world)} images, sizes {sizes}, PNG+JPEG; "
+          f"{n11} 1.1 masks, {n12} 1.2 masks, {n_sel} selected; present classes not detected: {missed}")
+    for name, s in (("merged", merged), ("stage 1.1", s11), ("stage 1.2", s12)):
+        print(f"  {name:9s} mIoU {100 * s.miou:6.2f}%  on {100 * s.coverage:6.2f}% of the pixels")
+    print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
+    assert merged.miou >= 0.93 and s12.miou >= 0.90 and s11.miou >= 0.95
+    assert merged.coverage > 0.9 and s12.coverage > 0.9 and s11.coverage > 0.5
+
+
+def test_odd_sizes_run(oracle):
+    clip, sam, text = oracle
+    for hw in [(16, 16), (20, 700), (900, 60)]:
+        image, gt = make_world_image(np.random.default_rng(1), *hw)
+        r = run_stage1(image, clip, sam, text, Stage1Config(), seed=0, image_id=f"{hw}")
+        assert r.label.shape == hw and len(r.detected) >= 1 and len(r.masks) >= 1
+        # A 16 px image is one crop, so only its dominant class is detected (the method's limit), and 1.2 masks
+        # of other classes get that label; but every 1.1 mask is exactly a region of its class.
+        for m in r.masks:
+            if m.stage == "1.1":
+                assert (gt[m.mask] == m.class_id).all()
+
+
+def test_no_detected_class_gives_no_masks(oracle):
+    clip, sam, text = oracle
+    image, _ = make_world_image(np.random.default_rng(2), 120, 200)
+    spy = CountingSam(sam)
+    r = run_stage1(image, clip, spy, text, Stage1Config(min_crop_votes=10**6), seed=0, image_id="x")
+    assert r.detected == [] and r.masks == [] and r.selected.shape == (0,)
+    assert (r.label == IGNORE_LABEL).all() and spy.embeds == 0
+    with pytest.raises(ValueError, match="D="):
+        run_stage1(image, clip, sam, text[:, :8], Stage1Config(), seed=0, image_id="x")
+    with pytest.raises(ValueError, match="uint8"):
+        run_stage1(image.astype(np.float32), clip, sam, text, Stage1Config(), seed=0, image_id="x")
