@@ -1,0 +1,147 @@
+"""The `fmbseg-pipeline` flow: label -> train -> evaluate (-> overlay pictures) as one DAG of subflows.
+
+Each stage keeps its own config hash and its own notion of done (DESIGN §5), so rerunning the pipeline after a
+crash recomputes only what is missing, and changing only a training setting retrains and re-evaluates without
+touching Stage 1 (every shard task is then a no-op on its done marker).
+
+Scale-out: with `world_size > 1` every rank labels its share of the shards; rank 0 then waits until the whole
+campaign is done (other ranks may run on other machines sharing the campaign store) and trains and evaluates,
+the other ranks stop after labeling.
+
+Demo mode (`demo_root`): a synthetic world (DESIGN §6) is written under `demo_root` when missing and fills in every
+input and output path, so `prefect deployment run 'fmbseg-pipeline/demo'` needs no other parameter.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.demo import DemoLayout, write_demo_world
+from flows.evaluate_flow import evaluate_flow
+from flows.label_flow import label_campaign
+from flows.train_flow import train_alignment_flow
+from stages.label import campaign_status
+from stages.predict import predict_folder
+
+
+@task(name="synthetic-world", cache_policy=NO_CACHE)
+def demo_world_task(root: str, train_images: int, eval_images: int, seed: int) -> dict:
+    """Write the demo's synthetic train and evaluation worlds under `root` unless they are there already."""
+    return write_demo_world(root, train_images, eval_images, seed).as_dict()
+
+
+@task(name="wait-for-campaign", cache_policy=NO_CACHE)
+def wait_for_campaign_task(campaign: str, timeout_s: float, poll_s: float = 10.0) -> dict:
+    """Block until every planned shard of the campaign is done (the other ranks' shards included)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = campaign_status(campaign)
+        if status["shards_done"] >= status["shards_total"]:
+            return status
+        if time.monotonic() > deadline:
+            # Not TimeoutError: Prefect would report that as the task's own timeout ("TimedOut").
+            raise RuntimeError(
+                f"campaign {campaign}: {status['shards_done']}/{status['shards_total']} shards done after "
+                f"{timeout_s:.0f} s; are all ranks running?"
+            )
+        time.sleep(poll_s)
+
+
+@task(name="overlays", cache_policy=NO_CACHE)
+def overlays_task(checkpoint: str, images: str, vocab: str, out: str, device: str) -> list[str]:
+    """Label maps and overlay pictures of the trained segmenter on `images` -> the label-map paths."""
+    return [str(p) for p in predict_folder(checkpoint, images, vocab, out, device=device, progress=False)]
+
+
+def default_eval_out(campaign: str, checkpoint: str) -> str:
+    """`<campaign>/eval/<name of the checkpoint's folder>`: one report per trained model (the training hash)."""
+    return posixpath.join(campaign.rstrip("/"), "eval", posixpath.basename(posixpath.dirname(checkpoint)))
+
+
+@flow(name="fmbseg-pipeline")
+def fmbseg_pipeline(
+    images: str | None = None,
+    vocab: str | None = None,
+    campaign: str | None = None,
+    preset: str = "base",
+    shard_size: int = 256,
+    seed: int = 0,
+    device: str = "auto",
+    image_root: str | None = None,
+    stage1: dict | None = None,
+    overwrite: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    retry_failed: bool = False,
+    train: dict | None = None,
+    train_out: str | None = None,
+    eval_dataset: str | None = None,
+    eval_data_root: str | None = None,
+    eval_models: str | list[str] = "maskclip,fmbseg",
+    eval_out: str | None = None,
+    overlay_images: str | None = None,
+    overlay_out: str | None = None,
+    demo_root: str | None = None,
+    demo_train_images: int = 24,
+    demo_eval_images: int = 8,
+    wait_timeout_s: float = 7 * 24 * 3600.0,
+) -> dict:
+    """Label `images` into `campaign`, train the alignment module on it, evaluate it on `eval_dataset`
+    (skipped when None) and draw overlays on `overlay_images` (skipped when None).
+
+    Label parameters are those of `label-campaign`; `train` overrides training settings (`train-alignment`);
+    `eval_*` are those of `evaluate` (`eval_out` defaults to `<campaign>/eval/<training hash>`). With `demo_root`
+    set, the inputs are a synthetic world written there (`demo_train_images` + a disjoint `demo_eval_images`),
+    outputs go under it, and evaluation and overlays run on the evaluation world.
+    Returns the paths and summaries of every stage."""
+    logger = get_run_logger()
+    if demo_root is not None:
+        layout = DemoLayout(**demo_world_task(os.path.abspath(os.path.expanduser(demo_root)),
+                                             demo_train_images, demo_eval_images, seed))
+        images = images or layout.train_images
+        vocab = vocab or layout.vocab
+        campaign = campaign or layout.campaign
+        eval_dataset = eval_dataset or "custom"
+        eval_data_root = eval_data_root or layout.eval_root
+        eval_out = eval_out or layout.report
+        overlay_images = overlay_images or layout.eval_images
+        overlay_out = overlay_out or layout.overlays
+    missing = [n for n, v in (("images", images), ("vocab", vocab), ("campaign", campaign)) if not v]
+    if missing:
+        raise ValueError(f"fmbseg-pipeline needs {', '.join(missing)} (or demo_root for the synthetic demo)")
+    if eval_dataset is not None and not eval_data_root:
+        raise ValueError(f"eval_dataset={eval_dataset!r} needs eval_data_root")
+
+    label = label_campaign(
+        images=images, vocab=vocab, campaign=campaign, preset=preset, shard_size=shard_size, seed=seed,
+        device=device, image_root=image_root, stage1=stage1, overwrite=overwrite, rank=rank,
+        world_size=world_size, retry_failed=retry_failed,
+    )
+    result: dict = {"campaign": campaign, "label": label}
+    if rank != 0:
+        logger.info("rank %d/%d: labeling done; rank 0 trains and evaluates", rank, world_size)
+        return result
+    if world_size > 1:
+        result["campaign_status"] = wait_for_campaign_task(campaign, wait_timeout_s)
+
+    checkpoint = train_alignment_flow(campaign=campaign, train=train, out=train_out, device=device)
+    result["checkpoint"] = checkpoint
+
+    if eval_dataset is not None:
+        eval_out = eval_out or default_eval_out(campaign, checkpoint)
+        result["evaluation"] = evaluate_flow(
+            dataset=eval_dataset, data_root=eval_data_root, out=eval_out, models=eval_models,
+            checkpoint=checkpoint, preset=preset, device=device, stage1=stage1,
+        )
+        result["eval_out"] = eval_out
+    if overlay_images is not None:
+        overlay_out = overlay_out or posixpath.join(posixpath.dirname(checkpoint), "overlays")
+        result["overlays"] = overlays_task(checkpoint, overlay_images, vocab, overlay_out, device)
+        result["overlay_out"] = overlay_out
+    logger.info("pipeline done: campaign %s, checkpoint %s", campaign, checkpoint)
+    return result

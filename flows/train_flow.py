@@ -1,0 +1,51 @@
+"""The `train-alignment` flow: Stage 2 (DESIGN §1) on a finished campaign, one task around `stages.train`.
+
+The stage names the checkpoint after the hash of its training config (`<campaign>/train/<hash>/model.pt`),
+reuses a finished checkpoint with the same hash and resumes an interrupted one, so rerunning this flow is cheap
+and changing a training setting trains a new model without touching Stage 1's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.artifacts import artifact_key, markdown_table, publish_markdown
+from flows.label_flow import retry_unless_permanent
+from stages.train import TrainConfig, train_alignment
+
+
+def train_config(train: dict | None = None, device: str | None = None) -> dict:
+    """`TrainConfig` overrides as a full, validated dict; `device` fills in the device unless `train` sets it."""
+    train = dict(train or {})
+    if device is not None:
+        train.setdefault("device", device)
+    return dataclasses.asdict(TrainConfig.from_dict(train))
+
+
+@task(name="train-alignment", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
+      retry_condition_fn=retry_unless_permanent)
+def train_task(campaign: str, config: dict, out: str | None = None) -> str:
+    """-> the checkpoint path (an interrupted attempt resumes from its last finished epoch on retry)."""
+    return str(train_alignment(campaign, TrainConfig.from_dict(config), out=out, progress=False))
+
+
+@flow(name="train-alignment")
+def train_alignment_flow(campaign: str, train: dict | None = None, out: str | None = None,
+                         device: str = "auto") -> str:
+    """Train the alignment module on the campaign's pseudo-labels; returns the checkpoint path.
+
+    `train` overrides `stages.train.TrainConfig` fields (epochs, batch_size, lr, temperature, train_size, seed,
+    cache_features, ...); `out` overrides the checkpoint path."""
+    config = train_config(train, device)
+    checkpoint = train_task(campaign, config, out)
+    get_run_logger().info("checkpoint: %s", checkpoint)
+    rows = [{"setting": k, "value": v} for k, v in config.items()]
+    publish_markdown(
+        f"**Checkpoint** `{checkpoint}`\n\n**Campaign** `{campaign}`\n\n{markdown_table(rows)}\n",
+        key=artifact_key("train-summary", campaign),
+        description="Alignment training: checkpoint and settings",
+    )
+    return checkpoint

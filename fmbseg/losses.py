@@ -1,0 +1,70 @@
+"""TSupCon: the text-anchored supervised contrastive loss of FMbSeg Stage 2 (DESIGN §1, exact).
+
+With z_1..z_M the kept patch embeddings, y_i their labels, t_1..t_K the text anchors and s(a, b) = a·b / τ
+(all vectors L2-normalised here):
+- l_t(i)  = -s(z_i, t_{y_i}) + log( Σ_k exp s(z_i, t_k) + Σ_{j≠i} exp s(z_i, z_j) )
+- L_t(k)  = mean of l_t(i) over the patches labelled k, 0 for a class no patch has
+- l_im(i) = mean over l ≠ i with y_l = y_i of ( -s(z_i, z_l) + log Σ_{j≠i} exp s(z_i, z_j) ), 0 without positives
+- loss    = ( Σ_k L_t(k) + Σ_i l_im(i) ) / (M + K)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Stands in for -inf on the excluded diagonal: exp() of it is exactly 0, yet a row made only of it keeps
+# logsumexp's gradient finite (a true -inf row gives nan gradients even when the row is not used).
+_EXCLUDED = -1.0e30
+
+
+def tsupcon(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The scalar TSupCon loss.
+
+    z: (M, D) patch embeddings; labels: (M,) int, negative = ignored (dropped before anything is computed);
+    text: (K, D) class text embeddings, row k anchors label k. Computed in float32 whatever the input dtype,
+    with one (M', M') similarity matrix (M' = kept patches), so M in the thousands is fine.
+    A batch with no kept patch returns a zero that still carries a (zero) gradient to z.
+    """
+    if z.ndim != 2 or text.ndim != 2 or labels.ndim != 1:
+        raise ValueError(f"tsupcon expects z (M, D), labels (M,), text (K, D); got {tuple(z.shape)}, "
+                         f"{tuple(labels.shape)}, {tuple(text.shape)}")
+    if z.shape[0] != labels.shape[0]:
+        raise ValueError(f"z has {z.shape[0]} rows but labels has {labels.shape[0]}")
+    if z.shape[1] != text.shape[1]:
+        raise ValueError(f"z has dimension {z.shape[1]} but text embeddings have {text.shape[1]}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    num_classes = text.shape[0]
+    labels = labels.to(device=z.device, dtype=torch.long)
+    keep = labels >= 0
+    if bool((labels[keep] >= num_classes).any()):
+        raise ValueError(f"labels must be < K = {num_classes} (or negative for ignore); max is {int(labels.max())}")
+    z = F.normalize(z[keep].float(), dim=-1)
+    y = labels[keep]
+    m = z.shape[0]
+    if m == 0:
+        return z.sum() * 0.0
+    t = F.normalize(text.to(z.device).float(), dim=-1)
+
+    s_zt = z @ t.T / temperature                       # (M, K)
+    s_zz = z @ z.T / temperature                       # (M, M)
+    eye = torch.eye(m, dtype=torch.bool, device=z.device)
+    s_zz_off = s_zz.masked_fill(eye, _EXCLUDED)        # j ≠ i
+
+    # Patch-text term, averaged within each class then summed over classes (absent classes add 0).
+    lse_all = torch.logsumexp(torch.cat([s_zt, s_zz_off], dim=1), dim=1)          # (M,)
+    l_t = lse_all - s_zt.gather(1, y[:, None]).squeeze(1)                           # (M,)
+    onehot = F.one_hot(y, num_classes).float()                                      # (M, K)
+    per_class_count = onehot.sum(0)
+    per_class_sum = onehot.T @ l_t
+    class_term = (per_class_sum / per_class_count.clamp(min=1.0)).sum()
+
+    # Patch-patch term: the mean over positives of (-s(z_i, z_l) + lse_i) = lse_i - mean_pos s(z_i, z_l).
+    positive = (y[:, None] == y[None, :]) & ~eye
+    n_pos = positive.sum(1)
+    lse_zz = torch.logsumexp(s_zz_off, dim=1)
+    mean_pos_sim = (s_zz * positive).sum(1) / n_pos.clamp(min=1)
+    l_im = torch.where(n_pos > 0, lse_zz - mean_pos_sim, torch.zeros_like(lse_zz))
+
+    return (class_term + l_im.sum()) / (m + num_classes)

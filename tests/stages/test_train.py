@@ -1,0 +1,136 @@
+"""Stage-2 training on an oracle campaign: resume after an interruption ends with the uninterrupted run's weights,
+the self-describing checkpoint and its config file, the hash-named output folder, and the feature cache."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fmbseg.alignment import train_view
+from fmbseg.checkpoint import load_checkpoint
+from fmbseg.images import load_image
+from fmbseg.testing.oracle import build_oracle_dino
+from fmbseg.testing.world import write_world
+from stages.label import LabelConfig, run_label
+from stages.train import TrainConfig, config_path_for, train_alignment, train_hash
+from storage.reader import CampaignReader
+
+SMALL = dict(epochs=3, train_size=56, device="cpu")      # 4x4 patches per image: fast, still every code path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # The test machine's 2 cores are shared: two OpenMP threads spin against other processes and run ~40x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    write_world(base / "world", 7, seed=5, sizes=((240, 320), (301, 200)))
+    run_label(LabelConfig(images=str(base / "world" / "images"), vocab=str(base / "world" / "classes.txt"),
+                          campaign=str(base / "camp"), preset="oracle", shard_size=4, device="cpu"), progress=False)
+    return base / "camp"
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_same_weights(campaign, tmp_path, capsys):
+    cfg = TrainConfig(**SMALL)
+    full = train_alignment(str(campaign), cfg, out=str(tmp_path / "full.pt"), progress=False)
+
+    def stop_after_first(epoch, path, stats):
+        if epoch == 1:
+            raise Interrupt
+
+    part = str(tmp_path / "part.pt")
+    with pytest.raises(Interrupt):
+        train_alignment(str(campaign), cfg, out=part, on_epoch_end=stop_after_first, progress=False)
+    assert load_checkpoint(part)["epoch"] == 1
+    capsys.readouterr()
+    finished = []
+    train_alignment(str(campaign), cfg, out=part, on_epoch_end=lambda e, p, s: finished.append(e), progress=False)
+    assert "resuming" in capsys.readouterr().err and finished == [2, 3]
+
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    assert a["epoch"] == b["epoch"] == 3
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # momentum buffers too: the optimiser state was restored, not rebuilt
+    for sa, sb in zip(a["resume"]["optimizer"]["state"].values(), b["resume"]["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+    # a finished checkpoint with the same settings is reused, not retrained
+    mtime = os.path.getmtime(part)
+    assert train_alignment(str(campaign), cfg, out=part, progress=False) == part
+    assert os.path.getmtime(part) == mtime
+    # another setting into the same file is refused
+    with pytest.raises(ValueError, match="training with other settings"):
+        train_alignment(str(campaign), TrainConfig(**{**SMALL, "epochs": 4}), out=part, progress=False)
+
+
+def test_checkpoint_describes_itself_and_lands_in_the_hash_folder(campaign):
+    cfg = TrainConfig(**{**SMALL, "epochs": 1})
+    reader = CampaignReader(str(campaign))
+    path = train_alignment(str(campaign), cfg, progress=False)
+    thash = train_hash(cfg, reader.stage1_hash)
+    assert path == os.path.join(str(campaign), "train", thash, "model.pt")
+    # the hash ignores the device, follows every weight-changing setting and the campaign's Stage-1 config
+    assert train_hash(TrainConfig(**{**SMALL, "epochs": 1, "device": "cuda"}), reader.stage1_hash) == thash
+    assert train_hash(TrainConfig(**{**SMALL, "epochs": 1, "lr": 0.05}), reader.stage1_hash) != thash
+    assert train_hash(cfg, "another-stage1-hash") != thash
+
+    ck = load_checkpoint(path)
+    assert ck["vocabulary"]["names"] == reader.vocabulary
+    assert ck["encoders"] == {"dino": {"model_id": "oracle-dino", "weights_sha256": None},
+                              "clip": {"model_id": "oracle-clip", "weights_sha256": None}, "preset": "oracle"}
+    assert ck["temperature"] == 0.1 and ck["epoch"] == 1 and ck["version"]
+    assert ck["config"]["alignment"] == {"in_dim": 64, "out_dim": 32, "num_heads": 1, "mlp_ratio": 4.0}
+    assert ck["config"]["train"]["batch_size"] == 5 and ck["config"]["stage1_hash"] == reader.stage1_hash
+    assert ck["text"].shape == (12, 32)
+    with open(config_path_for(path)) as f:
+        resolved = json.load(f)
+    assert resolved["train_hash"] == thash and resolved["train"]["lr"] == 0.1 and resolved["images"] == 7
+
+
+def test_feature_cache_holds_the_recomputed_features(campaign, tmp_path, capsys):
+    cfg = TrainConfig(**{**SMALL, "epochs": 2, "cache_features": True})
+    train_alignment(str(campaign), cfg, out=str(tmp_path / "c.pt"), progress=False)
+    err = capsys.readouterr().err
+    assert "writing feature cache" in err and "7 images x 4x4x64 fp16 = 0.0 MiB" in err
+    assert "epoch 2/2" in err and "features from cache" in err.split("epoch 2/2")[1]
+    import zarr
+
+    (cache_dir,) = [d for d in os.listdir(campaign / "features") if d.endswith(".zarr")]
+    group = zarr.open_group(str(campaign / "features" / cache_dir), mode="r")
+    assert group.attrs["complete"] is True
+    feats = group["features"]
+    assert feats.shape == (7, 4, 4, 64) and feats.dtype == np.float16
+    assert os.path.getsize(campaign / "features" / cache_dir / "features" / "c" / "0" / "0" / "0" / "0") == 4 * 4 * 64 * 2
+    dino = build_oracle_dino("cpu")
+    for i, (_, path, _) in enumerate(CampaignReader(str(campaign)).iter_labels()):
+        x, _ = train_view(load_image(path), None, 56)
+        want = dino.features(x[None])[0].half().numpy()
+        assert np.array_equal(feats[i], want), i
+    # a second cached run reads the finished cache from its first epoch and trains the same weights
+    train_alignment(str(campaign), cfg, out=str(tmp_path / "d.pt"), progress=False)
+    assert "writing feature cache" not in capsys.readouterr().err
+    a, b = load_checkpoint(str(tmp_path / "c.pt")), load_checkpoint(str(tmp_path / "d.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_bad_inputs(tmp_path, campaign):
+    with pytest.raises(FileNotFoundError, match="campaign.json missing"):
+        train_alignment(str(tmp_path / "nothing"), TrainConfig(**SMALL))
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="not a multiple of the DINOv2 patch size 14"):
+        train_alignment(str(campaign), TrainConfig(**{**SMALL, "train_size": 50}), out=str(tmp_path / "x.pt"))
