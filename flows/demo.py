@@ -28,6 +28,12 @@ from dataclasses import asdict, dataclass
 DEMO_SIZES: tuple[tuple[int, int], ...] = ((256, 320), (320, 256), (288, 384), (384, 288), (256, 448), (480, 360))
 DEMO_SHARD_SIZE = 8
 DEMO_EVAL_MODELS = "all"
+# The demo world is tiny (24 images), so DESIGN's defaults (10 epochs, 448-px view) give ~50 SGD steps, far too
+# few: in the exact TSupCon loss the text anchors carry K / (M + K) of the weight (M = patches per batch), and the
+# alignment to the text space needs on the order of 1000 steps (DESIGN §1 measured 1000 at 5x256 patches). A 112-px
+# view (8x8 patches, M = 320) and 400 epochs give ~2000 steps in about a minute; real campaigns of 10^4+ images
+# reach that many steps with the defaults.
+DEMO_TRAIN = {"epochs": 400, "train_size": 112, "cache_features": True}
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="fmbseg-demo", help="demo root directory (default: ./fmbseg-demo)")
     p.add_argument("--train-images", type=int, default=24, help="synthetic training images (default 24)")
     p.add_argument("--eval-images", type=int, default=8, help="synthetic evaluation images (default 8)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the training default)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs (default {DEMO_TRAIN['epochs']}, see DEMO_TRAIN)")
     p.add_argument("--models", default=DEMO_EVAL_MODELS,
                    help=f"segmenters to evaluate, comma-separated or all (default {DEMO_EVAL_MODELS})")
     p.add_argument("--seed", type=int, default=0)
@@ -136,7 +143,9 @@ def run_demo(args: argparse.Namespace) -> int:
 def _run_pipeline(layout: DemoLayout, args: argparse.Namespace) -> dict:
     from flows.pipeline import fmbseg_pipeline
 
-    train = {"epochs": args.epochs} if args.epochs is not None else None
+    train = dict(DEMO_TRAIN)
+    if args.epochs is not None:
+        train["epochs"] = args.epochs
     return fmbseg_pipeline(
         demo_root=layout.root, demo_train_images=args.train_images, demo_eval_images=args.eval_images,
         preset="oracle", seed=args.seed, device=args.device, shard_size=DEMO_SHARD_SIZE, train=train,

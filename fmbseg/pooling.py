@@ -75,5 +75,8 @@ def mask_pool(masks: torch.Tensor | np.ndarray, feats: torch.Tensor, cell_size_x
     if masks.shape[0] == 0:
         return torch.zeros(0, D, dtype=torch.float32, device=feats.device)
     cov = cell_coverage(masks.to(feats.device), (hg, wg), cell_size_xy).reshape(masks.shape[0], hg * wg)
+    # float64 accumulation: the float32 result then does not depend on the thread count's summation order, so
+    # workers with different numbers of cores write the same scores.
+    cov = cov.double()
     weight = cov / cov.sum(1, keepdim=True).clamp_min(1e-12)
-    return weight @ feats.reshape(hg * wg, D).float()
+    return (weight @ feats.reshape(hg * wg, D).double()).float()

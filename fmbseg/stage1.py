@@ -253,8 +253,9 @@ def run_stage1(
 
         if cand:
             stack = np.stack([np.asarray(c[1], dtype=bool) for c in cand])
-            pooled = F.normalize(mask_pool(stack, sf.dense, sf.cell_size_xy), dim=-1)
-            cos = (pooled @ text.T).cpu().numpy()  # (n, K)
+            # Cosines in float64 (see mask_pool): scores must not depend on the worker's thread count.
+            pooled = F.normalize(mask_pool(stack, sf.dense, sf.cell_size_xy).double(), dim=-1)
+            cos = (pooled @ text.double().T).float().cpu().numpy()  # (n, K)
             det = np.asarray(detected)
             for i, (k, m, sam_score, stage) in enumerate(cand):
                 if stage == STAGE_12:

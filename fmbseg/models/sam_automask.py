@@ -39,14 +39,7 @@ def grid_points(points_per_side: int, original_hw: tuple[int, int]) -> np.ndarra
 @torch.no_grad()
 def generate_masks(model, emb: SamEmbedding, cfg: AutoMaskConfig) -> list[AutoMask]:
     """`model` is a `SegmentAnythingModel`; -> masks (H, W) bool at the original resolution, best first."""
-    from segment_anything.utils.amg import (
-        MaskData,
-        batch_iterator,
-        batched_mask_to_box,
-        calculate_stability_score,
-        mask_to_rle_pytorch,
-        rle_to_mask,
-    )
+    from segment_anything.utils.amg import batch_iterator, batched_mask_to_box, calculate_stability_score
     from torchvision.ops import batched_nms
 
     _check_config(cfg)
@@ -54,36 +47,37 @@ def generate_masks(model, emb: SamEmbedding, cfg: AutoMaskConfig) -> list[AutoMa
     min_area, max_area = cfg.min_area_frac * h * w, cfg.max_area_frac * h * w
     threshold = model.sam.mask_threshold
 
-    data = MaskData()
+    # Survivors of each batch are kept bit-packed (8x smaller than bool) so a large image's candidates do not all
+    # sit in memory as dense masks; packing is one vectorised call, unlike the stock generator's per-mask RLE.
+    packed, boxes, ious, stabs = [], [], [], []
     for (points,) in batch_iterator(cfg.points_per_batch, grid_points(cfg.points_per_side, (h, w))):
         logits, iou = model.decode(emb, points[:, None, :])  # (b, 3, H, W), (b, 3)
-        batch = MaskData(masks=logits.flatten(0, 1), iou_preds=iou.flatten(0, 1))
-        del logits
-        if cfg.pred_iou_thresh > 0.0:
-            batch.filter(batch["iou_preds"] > cfg.pred_iou_thresh)
-        stability = calculate_stability_score(batch["masks"], threshold, cfg.stability_score_offset)
-        batch["stability_score"] = torch.nan_to_num(stability, nan=0.0)
+        logits, iou = logits.flatten(0, 1), iou.flatten(0, 1)
+        keep = iou > cfg.pred_iou_thresh if cfg.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
+        logits, iou = logits[keep], iou[keep]
+        stability = torch.nan_to_num(calculate_stability_score(logits, threshold, cfg.stability_score_offset), nan=0.0)
         if cfg.stability_score_thresh > 0.0:
-            batch.filter(batch["stability_score"] >= cfg.stability_score_thresh)
-        batch["masks"] = batch["masks"] > threshold
-        area = batch["masks"].flatten(1).sum(1)
-        batch.filter((area > 0) & (area >= min_area) & (area <= max_area))
-        batch["boxes"] = batched_mask_to_box(batch["masks"])
-        # Run-length encode survivors so a large image's candidates do not all sit in memory as dense masks.
-        batch["rles"] = mask_to_rle_pytorch(batch["masks"])
-        del batch["masks"]
-        data.cat(batch)
+            keep = stability >= cfg.stability_score_thresh
+            logits, iou, stability = logits[keep], iou[keep], stability[keep]
+        masks = logits > threshold
+        del logits
+        area = masks.flatten(1).sum(1)
+        keep = (area > 0) & (area >= min_area) & (area <= max_area)
+        masks, iou, stability = masks[keep], iou[keep], stability[keep]
+        if len(masks) == 0:
+            continue
+        boxes.append(batched_mask_to_box(masks).float().cpu())
+        ious.append(iou.float().cpu())
+        stabs.append(stability.float().cpu())
+        packed.append(np.packbits(masks.flatten(1).cpu().numpy(), axis=1))
 
-    if len(data["rles"]) == 0:
+    if not packed:
         return []
-    keep = batched_nms(
-        data["boxes"].float(),
-        data["iou_preds"],
-        torch.zeros(len(data["boxes"]), dtype=torch.long, device=data["boxes"].device),
-        iou_threshold=cfg.box_nms_thresh,
-    )
-    data.filter(keep)
+    boxes_t, ious_t, stabs_t = torch.cat(boxes), torch.cat(ious), torch.cat(stabs)
+    keep = batched_nms(boxes_t, ious_t, torch.zeros(len(boxes_t), dtype=torch.long), iou_threshold=cfg.box_nms_thresh)
+    bits = np.concatenate(packed)[keep.numpy()]
+    masks = np.unpackbits(bits, axis=1, count=h * w).reshape(-1, h, w).astype(bool)
     return [
-        AutoMask(segmentation=rle_to_mask(rle), predicted_iou=float(iou), stability_score=float(stab))
-        for rle, iou, stab in zip(data["rles"], data["iou_preds"].tolist(), data["stability_score"].tolist())
+        AutoMask(segmentation=m, predicted_iou=float(i), stability_score=float(s))
+        for m, i, s in zip(masks, ious_t[keep].tolist(), stabs_t[keep].tolist())
     ]

@@ -33,6 +33,10 @@ def test_deploy_all_registers_every_flow_on_the_pool(prefect_server, deployed):
     assert {names[n].work_pool_name for n in EXPECTED} == {deployed}
     demo = names["fmbseg-pipeline/demo"]
     assert demo.parameters["preset"] == "oracle" and demo.parameters["demo_root"] == "~/fmbseg-demo"
+    # The deployment and `fmbseg demo` train the same way.
+    from flows.demo import DEMO_TRAIN
+
+    assert demo.parameters["train"] == DEMO_TRAIN
     assert demo.entrypoint == "flows/pipeline.py:fmbseg_pipeline"
 
 

@@ -28,6 +28,9 @@ from storage.tables import (
 
 VOCAB = ["red", "green", "blue"]
 
+# pycocotools 2.0.11 under numpy 2 warns on every decode
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 
 def test_schemas_are_exactly_design_section5():
     t = images_table([{"image_id": "a.png", "path": "/a.png", "status": "ok", "height": 3, "width": 4, "n_masks": 1}], VOCAB)
