@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs per run, at least 2 (default 3)")
     ap.add_argument("--train-size", type=int, default=448, help="Stage-2 view size (default 448, DESIGN)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dino-preset", default="base", choices=("base", "paper"),
+                    help="DINOv2 architecture: base (ViT-B/14, the issue's setting) or paper (ViT-L/14)")
     ap.add_argument("--workdir", default=None, help="where to write the campaign (default: a temp folder)")
     args = ap.parse_args()
     if args.epochs < 2:
@@ -46,7 +48,7 @@ def main() -> None:
                           vocab=os.path.join(work, "world", "classes.txt"), campaign=os.path.join(work, "camp"),
                           preset="oracle", device="cpu"), progress=False)
 
-    dino = make_dino("base", device=device, random_init=True)
+    dino = make_dino(args.dino_preset, device=device, random_init=True)
     clip = make_clip("oracle", device=device)       # text anchors only; the DINOv2 pass is what is measured
     print(f"device {device}; DINOv2 {dino.model_id} (C={dino.embed_dim}); {args.images} images at "
           f"{args.train_size}px; {args.epochs} epochs per run", flush=True)

@@ -4,28 +4,19 @@ and exit status 2 with a one-line reason for bad arguments or missing inputs."""
 import json
 
 import pytest
-import torch
 
 from flows.cli import build_parser, main
 from fmbseg.testing.world import write_world
-from stages.label import LabelConfig, run_label
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The test machine's 2 cores are shared: two OpenMP threads spin against other processes and run ~40x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def world_and_campaign(tmp_path_factory):
+def world_and_campaign(tmp_path_factory, label_world):
     base = tmp_path_factory.mktemp("cli2")
     write_world(base / "w", 4, seed=6, sizes=((160, 210), (210, 160)))
-    run_label(LabelConfig(images=str(base / "w" / "images"), vocab=str(base / "w" / "classes.txt"),
-                          campaign=str(base / "camp"), preset="oracle", device="cpu"), progress=False)
+    label_world(base / "w", base / "camp")
     return base
 
 

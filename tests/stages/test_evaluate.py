@@ -6,33 +6,24 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fmbseg.testing.world import write_world
 from stages.evaluate import evaluate, resolve_models
-from stages.label import LabelConfig, run_label
 from stages.train import TrainConfig, train_alignment
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The test machine's 2 cores are shared: two OpenMP threads spin against other processes and run ~40x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, label_world):
     """30 labelled world images, alignment trained at DESIGN's settings except a 112-px view and 200 epochs
     (1200 SGD steps of 5 images: TSupCon's text terms weigh K / (M + K), so alignment needs many steps)."""
     base = tmp_path_factory.mktemp("eval")
     write_world(base / "train", 30, seed=1)
     write_world(base / "test", 6, seed=2)               # disjoint: another seed
-    run_label(LabelConfig(images=str(base / "train" / "images"), vocab=str(base / "train" / "classes.txt"),
-                          campaign=str(base / "camp"), preset="oracle", shard_size=8, device="cpu"), progress=False)
+    label_world(base / "train", base / "camp", shard_size=8)
     ckpt = train_alignment(str(base / "camp"), TrainConfig(epochs=200, train_size=112, cache_features=True,
                                                            device="cpu"), progress=False)
     return base, ckpt

@@ -5,32 +5,23 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fmbseg.checkpoint import load_checkpoint
 from fmbseg.testing.world import write_world
 from stages.evaluate import evaluate
-from stages.label import LabelConfig, run_label
 from stages.predict import predict_folder
 from stages.train import TrainConfig, train_alignment
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The test machine's 2 cores are shared: two OpenMP threads spin against other processes and run ~40x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, label_world):
     base = tmp_path_factory.mktemp("tiny")
     write_world(base / "w", 3, seed=4, sizes=((160, 200), (200, 150)))
-    run_label(LabelConfig(images=str(base / "w" / "images"), vocab=str(base / "w" / "classes.txt"),
-                          campaign=str(base / "camp"), preset="tiny", device="cpu"), progress=False)
+    label_world(base / "w", base / "camp", preset="tiny")
     ckpt = train_alignment(str(base / "camp"), TrainConfig(epochs=1, device="cpu"), progress=False)  # 448 px view
     return base, ckpt
 

@@ -13,29 +13,20 @@ from fmbseg.checkpoint import load_checkpoint
 from fmbseg.images import load_image
 from fmbseg.testing.oracle import build_oracle_dino
 from fmbseg.testing.world import write_world
-from stages.label import LabelConfig, run_label
 from stages.train import TrainConfig, config_path_for, train_alignment, train_hash
 from storage.reader import CampaignReader
 
 SMALL = dict(epochs=3, train_size=56, device="cpu")      # 4x4 patches per image: fast, still every code path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The test machine's 2 cores are shared: two OpenMP threads spin against other processes and run ~40x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def campaign(tmp_path_factory):
+def campaign(tmp_path_factory, label_world):
     base = tmp_path_factory.mktemp("train")
     write_world(base / "world", 7, seed=5, sizes=((240, 320), (301, 200)))
-    run_label(LabelConfig(images=str(base / "world" / "images"), vocab=str(base / "world" / "classes.txt"),
-                          campaign=str(base / "camp"), preset="oracle", shard_size=4, device="cpu"), progress=False)
-    return base / "camp"
+    return label_world(base / "world", base / "camp", shard_size=4)
 
 
 class Interrupt(Exception):
