@@ -44,6 +44,10 @@ from storage.reader import CampaignReader
 UNHASHED = ("device",)
 
 
+# Fewer SGD steps than this rarely align the module with the text space (DESIGN §1: ~1000 steps at tau 0.1).
+MIN_USEFUL_STEPS = 1000
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """DESIGN §1 Stage-2 defaults. `cache_features` is hashed: cached features are fp16, so a cached run's weights
@@ -209,6 +213,14 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
                               "campaign": campaign, "stage1_hash": reader.stage1_hash, "encoders": encoders,
                               "vocabulary": vocab.to_json(), "images": n, "steps_per_epoch": steps_per_epoch,
                               "version": fmbseg.__version__})
+
+    total_steps = cfg.epochs * steps_per_epoch
+    if total_steps < MIN_USEFUL_STEPS:
+        # TSupCon's text anchors weigh K / (M + K) of the loss, so the module needs many steps to reach the text
+        # space; a small campaign at the default 10 epochs stops long before.
+        print(f"train: warning: only {total_steps} SGD steps ({n} images, batch {cfg.batch_size}, {cfg.epochs} "
+              f"epochs); the alignment typically needs ~{MIN_USEFUL_STEPS} or more: raise --epochs",
+              file=sys.stderr)
 
     cache = None
     if cfg.cache_features:

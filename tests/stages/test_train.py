@@ -97,6 +97,8 @@ def test_feature_cache_holds_the_recomputed_features(campaign, tmp_path, capsys)
     train_alignment(str(campaign), cfg, out=str(tmp_path / "c.pt"), progress=False)
     err = capsys.readouterr().err
     assert "writing feature cache" in err and "7 images x 4x4x64 fp16 = 0.0 MiB" in err
+    # 7 images in batches of 5 for 2 epochs: 4 steps, and the user is told that is far too few
+    assert "warning: only 4 SGD steps (7 images, batch 5, 2 epochs)" in err
     assert "epoch 2/2" in err and "features from cache" in err.split("epoch 2/2")[1]
     import zarr
 
