@@ -1,6 +1,6 @@
 """`fmbseg demo`: the offline end-to-end demo on a synthetic world, run through Prefect.
 
-It writes a synthetic world (DESIGN §6: 24 training images and a disjoint set of 8 evaluation images, 256-480 px),
+It writes a synthetic world (DESIGN §6: 40 training images and a disjoint set of 8 evaluation images, 256-480 px),
 runs the `fmbseg-pipeline` flow on it with the `oracle` preset (no weights, no network), and prints the evaluation
 table and where the masks, the checkpoint, the overlay pictures and the report are. Prefect: the server named by
 `PREFECT_API_URL` (or the active profile) when there is one, else a temporary local server on 127.0.0.1 whose
@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass
 DEMO_SIZES: tuple[tuple[int, int], ...] = ((256, 320), (320, 256), (288, 384), (384, 288), (256, 448), (480, 360))
 DEMO_SHARD_SIZE = 8
 DEMO_EVAL_MODELS = "all"
-# The demo world is tiny (24 images), so DESIGN's defaults (10 epochs, 448-px view) give ~50 SGD steps, far too
+# The demo world is tiny (40 images), so DESIGN's defaults (10 epochs, 448-px view) give 80 SGD steps, far too
 # few: in the exact TSupCon loss the text anchors carry K / (M + K) of the weight (M = patches per batch), and the
 # alignment to the text space needs on the order of 1000 steps (DESIGN §1 measured 1000 at 5x256 patches). A 112-px
-# view (8x8 patches, M = 320) and 400 epochs give ~2000 steps in about a minute; real campaigns of 10^4+ images
+# view (8x8 patches, M = 320) and 250 epochs give 2000 steps in about 40 s; real campaigns of 10^4+ images
 # reach that many steps with the defaults.
-DEMO_TRAIN = {"epochs": 400, "train_size": 112, "cache_features": True}
+DEMO_TRAIN = {"epochs": 250, "train_size": 112, "cache_features": True}
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def _world_complete(root: str, n: int) -> bool:
             and len(os.listdir(images)) == n and len(os.listdir(os.path.join(root, "annotations"))) == n)
 
 
-def write_demo_world(root: str, train_images: int = 24, eval_images: int = 8, seed: int = 0) -> DemoLayout:
+def write_demo_world(root: str, train_images: int = 40, eval_images: int = 8, seed: int = 0) -> DemoLayout:
     """Write the training and evaluation worlds under `root` unless they are already there with these sizes.
 
     The evaluation world uses seed `seed + 1`, so its images are disjoint from the training ones."""
@@ -96,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "through Prefect, print the evaluation table and where the outputs are.",
     )
     p.add_argument("--out", default="fmbseg-demo", help="demo root directory (default: ./fmbseg-demo)")
-    p.add_argument("--train-images", type=int, default=24, help="synthetic training images (default 24)")
+    p.add_argument("--train-images", type=int, default=40, help="synthetic training images (default 40)")
     p.add_argument("--eval-images", type=int, default=8, help="synthetic evaluation images (default 8)")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"training epochs (default {DEMO_TRAIN['epochs']}, see DEMO_TRAIN)")

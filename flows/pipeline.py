@@ -87,7 +87,7 @@ def fmbseg_pipeline(
     overlay_images: str | None = None,
     overlay_out: str | None = None,
     demo_root: str | None = None,
-    demo_train_images: int = 24,
+    demo_train_images: int = 40,
     demo_eval_images: int = 8,
     wait_timeout_s: float = 7 * 24 * 3600.0,
 ) -> dict:
