@@ -180,8 +180,9 @@ def _open_builtin(name: str, data_root: str) -> SegDataset:
         if absent:
             raise DatasetError(f"{name}: {len(absent)} images listed in {split} are missing (e.g. {absent[0]})")
     else:
-        pattern = os.path.join(img_dir, "**", "*" + layout.img_suffix) if layout.recursive else \
-            os.path.join(img_dir, "*" + layout.img_suffix)
+        base = glob.escape(img_dir)     # a data root such as `data[v2]` is a folder name, not a glob pattern
+        pattern = os.path.join(base, "**", "*" + layout.img_suffix) if layout.recursive else \
+            os.path.join(base, "*" + layout.img_suffix)
         paths = sorted(glob.glob(pattern, recursive=layout.recursive))
         pairs = [(os.path.relpath(p, img_dir)[: -len(layout.img_suffix)], p) for p in paths]
     if not pairs:

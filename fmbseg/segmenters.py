@@ -97,9 +97,10 @@ class SlidingWindow:
     batch_size: int = 8
 
     def resized_hw(self, height: int, width: int) -> tuple[int, int]:
-        """mmsegmentation's keep-ratio resize to scale (long ≤ max_long_side, short = short_side)."""
-        scale = min(self.short_side / min(height, width), self.max_long_side / max(height, width))
-        return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+        """mmsegmentation's keep-ratio resize to scale (long ≤ max_long_side, short = short_side), rounded half up
+        as mmcv's `rescale_size` does (`int(x + 0.5)`, not Python's round-half-to-even)."""
+        scale = min(self.max_long_side / max(height, width), self.short_side / min(height, width))
+        return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
     def windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
         """(y0, x0, y1, x1) windows over an image of that size, as mmsegmentation's slide inference."""

@@ -78,6 +78,8 @@ def _open_clip_openai(arch: str, repo: str) -> WeightsEntry:
         source=f"open_clip {arch} pretrained='openai' (Hugging Face {repo})",
         hf_repo=repo,
         hf_filename=file,
+        # open_clip downloads the safetensors file when it can, else this pickle twin (same keys).
+        hf_alt_filenames=("open_clip_pytorch_model.bin",),
     )
 
 

@@ -52,7 +52,8 @@ class WeightsEntry:
 
     `source` is a human description (open_clip tag, Hugging Face id, ...); `url` a direct download link;
     `sha256` the official hash when published (checked after download); `hf_repo`/`hf_filename` let a copy
-    already in the Hugging Face cache be used offline; `strip_prefixes` are key prefixes removed on load."""
+    already in the Hugging Face cache be used offline (`hf_alt_filenames`: other names the same weights are cached
+    under, e.g. open_clip's `.bin` twin of its safetensors file); `strip_prefixes` are key prefixes removed on load."""
 
     key: str
     filename: str
@@ -62,6 +63,7 @@ class WeightsEntry:
     size_bytes: int | None = None
     hf_repo: str | None = None
     hf_filename: str | None = None
+    hf_alt_filenames: tuple[str, ...] = field(default=())
     strip_prefixes: tuple[str, ...] = field(default=())
 
 
@@ -114,21 +116,27 @@ def _hf_cached(entry: WeightsEntry) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(entry.hf_repo, entry.hf_filename)
-    return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
+    for filename in (entry.hf_filename, *entry.hf_alt_filenames):
+        found = try_to_load_from_cache(entry.hf_repo, filename)
+        if isinstance(found, str) and os.path.isfile(found):
+            return Path(found)
+    return None
 
 
 def download(entry: WeightsEntry, dest: Path, timeout: float = CONNECT_TIMEOUT_S) -> Path:
     """Stream `entry.url` to `dest` through a temporary file; the file appears only once its sha256 is right.
 
-    The expected hash is `entry.sha256`, else a sha256-shaped ETag (Hugging Face's LFS files), else none."""
+    The expected hash is `entry.sha256`, else the sha256 Hugging Face sends for LFS files as `X-Linked-Etag` on its
+    redirect (never the CDN's own ETag, which is another 64-hex value), else none."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     request = urllib.request.Request(entry.url, headers={"User-Agent": "fmbseg"})
     digest = hashlib.sha256()
+    hops = _RecordingRedirectHandler()
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
-            expected = entry.sha256 or _linked_etag(response)
+        opener = urllib.request.build_opener(hops)
+        with os.fdopen(fd, "wb") as out, opener.open(request, timeout=timeout) as response:
+            expected = entry.sha256 or _linked_etag([*hops.headers, response.headers])
             total = int(response.headers.get("Content-Length") or 0) or entry.size_bytes
             done = 0
             print(f"fmbseg: downloading {entry.key} from {entry.url} to {dest}", flush=True)
@@ -151,10 +159,22 @@ def download(entry: WeightsEntry, dest: Path, timeout: float = CONNECT_TIMEOUT_S
             os.unlink(tmp)
 
 
-def _linked_etag(response) -> str | None:
-    """Hugging Face serves LFS files with their sha256 as (linked) ETag; other servers' ETags are ignored."""
-    for header in ("X-Linked-Etag", "ETag"):
-        tag = (response.headers.get(header) or "").strip().removeprefix("W/").strip('"').lower()
+class _RecordingRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects like urllib's default handler, keeping each redirect response's headers."""
+
+    def __init__(self):
+        self.headers: list = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.headers.append(headers)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _linked_etag(hop_headers) -> str | None:
+    """The sha256 Hugging Face gives an LFS file as `X-Linked-Etag` (on its 302 to the CDN). A plain ETag is never
+    trusted: the CDN's own ETag is also 64 hex digits but not the file's sha256."""
+    for headers in hop_headers:
+        tag = (headers.get("X-Linked-Etag") or "").strip().removeprefix("W/").strip('"').lower()
         if _HEX64.match(tag):
             return tag
     return None

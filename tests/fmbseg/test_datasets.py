@@ -93,6 +93,12 @@ def test_cityscapes_recursive_and_ade150(tmp_path):
     assert ds.class_names[7] == "bed" and ds.load_gt(0)[0, :3].tolist() == [255, 0, 149]
 
 
+def test_data_root_with_glob_characters(tmp_path):
+    _coco(tmp_path / "data[v2]")
+    ds = open_dataset("coco_stuff171", str(tmp_path / "data[v2]"))
+    assert [s[0] for s in ds.samples] == ["000000000139"]
+
+
 def _custom(root, n=2, classes="red\ngreen: lime, emerald\nblue\n", value=2):
     (root / "images").mkdir(parents=True)
     (root / "annotations").mkdir()

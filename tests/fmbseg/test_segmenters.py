@@ -40,6 +40,8 @@ def test_window_geometry_is_mmseg_slide():
     win = SlidingWindow()
     assert win.resized_hw(300, 600) == (448, 896)
     assert win.resized_hw(100, 1000) == (205, 2048)          # long side capped, short side below 448
+    assert win.resized_hw(256, 302) == (448, 529)            # 528.5 rounds half up, as mmcv's rescale_size
+    assert win.resized_hw(302, 256) == (529, 448)
     boxes = win.windows(448, 896)
     assert boxes == [(0, 0, 448, 448), (0, 224, 448, 672), (0, 448, 448, 896)]
     boxes = win.windows(448, 700)                              # last column flush with the border

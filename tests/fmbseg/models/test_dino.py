@@ -103,3 +103,31 @@ def test_bf16_autocast_path_matches_float32(dino, monkeypatch):
     cos = torch.nn.functional.cosine_similarity(f16, f32, dim=-1).min().item()
     print(f"\nbf16 vs fp32 min cosine: {cos:.4f}")
     assert cos > 0.98
+
+
+def test_hub_names_load_like_transformers_from_pretrained(tmp_path):
+    """A Hub-layout model.safetensors (pre-transformers-5 names, as facebook/dinov2-* ship) gives the same weights
+    and features through make_dino as through transformers' own from_pretrained (its own key conversion)."""
+    from safetensors.torch import save_file
+    from transformers import Dinov2Model
+
+    from fmbseg.models.registry import DINO_ARCHS
+
+    torch.manual_seed(3)
+    arch = DINO_ARCHS["tiny"]
+    source = build_dino(arch)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hub = {k: v.contiguous() for k, v in _to_hub_names(source.state_dict()).items()}
+    assert "encoder.layer.0.layer_scale1.lambda1" in hub and hub["embeddings.mask_token"].shape == (1, 64)
+    save_file(hub, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    arch.config().save_pretrained(tmp_path)
+    ref = Dinov2Model.from_pretrained(tmp_path).eval()
+    ours = make_dino("tiny", device="cpu", weights=str(tmp_path / "model.safetensors"))
+    ref_sd, our_sd = ref.state_dict(), ours.model.state_dict()
+    assert ref_sd.keys() == our_sd.keys() and all(torch.equal(ref_sd[k], our_sd[k]) for k in ref_sd)
+    images = torch.rand(2, 3, 42, 70)
+    with torch.no_grad():
+        want = ref(pixel_values=(images - MEAN) / STD).last_hidden_state[:, 1:].reshape(2, 3, 5, 64)
+    assert torch.allclose(ours.features(images), want, atol=1e-6)

@@ -190,3 +190,100 @@ def test_resolution_order_and_checked_download(tmp_path, monkeypatch):
     assert resolve_weights(good) == target  # found in the weights directory, no download needed
     explicit = tmp_path / "served.pt"
     assert resolve_weights(good, explicit) == explicit  # an explicit path wins
+
+
+def test_open_clip_hub_file_loads_like_open_clips_own_loader(tmp_path):
+    """An open_clip_model.safetensors-style file (open_clip's full CLIP state dict, here stored in fp16) gives the
+    same model through make_clip as through open_clip's own `load_checkpoint`."""
+    import open_clip
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from fmbseg.models.clip import OPENAI_MEAN, OPENAI_STD, OpenClipModel
+
+    source = _random_module("clip", 14)
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.half().contiguous() for k, v in source.state_dict().items()}, str(path))
+    ref = build("clip", "tiny")
+    open_clip.load_checkpoint(ref, str(path))
+    ours = make_clip("tiny", device="cpu", weights=str(path))
+    assert all(torch.equal(a, b) for a, b in zip(ours.model.state_dict().values(), ref.state_dict().values()))
+    crops = torch.rand(2, 3, 64, 64)
+    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want_img = F.normalize(ref.encode_image((crops - mean) / std), dim=-1)
+        want_txt = F.normalize(ref.encode_text(open_clip.tokenize(["a photo of a red."], context_length=16)), dim=-1)
+    assert torch.allclose(ours.encode_crops(crops)[0], want_img, atol=1e-5)
+    assert torch.allclose(ours.encode_text(["red"]), want_txt, atol=1e-5)
+    assert isinstance(ours, OpenClipModel)
+
+
+def test_weights_in_the_hugging_face_cache_are_found_offline(tmp_path, monkeypatch):
+    """open_clip caches the openai weights as open_clip_model.safetensors, or (no safetensors) as the .bin twin."""
+    import huggingface_hub.constants
+
+    from fmbseg.models.registry import PRETRAINED
+
+    entry = PRETRAINED["open_clip:ViT-B-16/openai"]
+    cache = tmp_path / "hf"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    repo = cache / ("models--" + entry.hf_repo.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    with pytest.raises(WeightsNotFoundError):
+        resolve_weights(entry)
+    (snapshot / "open_clip_pytorch_model.bin").write_bytes(b"x")
+    assert resolve_weights(entry) == snapshot / "open_clip_pytorch_model.bin"
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"x")
+    assert resolve_weights(entry) == snapshot / "open_clip_model.safetensors"  # the preferred file first
+
+
+def test_hugging_face_download_checks_the_linked_etag_not_the_cdn_etag(tmp_path, monkeypatch):
+    """Hugging Face answers /resolve/ with a 302 carrying the file's sha256 as X-Linked-Etag; the CDN it points to
+    sends its own 64-hex ETag, which is not the sha256 and must not fail a good download."""
+    import http.server
+    import threading
+
+    payload = os.urandom(3000)
+    good = hashlib.sha256(payload).hexdigest()
+    linked = {"/good": good, "/bad": hashlib.sha256(b"other").hexdigest()}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path in linked:
+                self.send_response(302)
+                self.send_header("Location", "/cdn")
+                self.send_header("X-Linked-Etag", f'"{linked[self.path]}"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("ETag", '"' + "ab" * 32 + '"')  # a CDN hash of its own
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        entry = WeightsEntry("test:hf", "hf.bin", f"{base}/good", "a fake hub")
+        dest = tmp_path / "dl" / "hf.bin"
+        from fmbseg.models.weights import download
+
+        assert download(entry, dest) == dest and dest.read_bytes() == payload
+        bad = WeightsEntry("test:hf-bad", "bad.bin", f"{base}/bad", "a fake hub")
+        with pytest.raises(CorruptWeightsError, match="expected " + linked["/bad"]):
+            download(bad, tmp_path / "dl" / "bad.bin")
+        assert not (tmp_path / "dl" / "bad.bin").exists()
+    finally:
+        server.shutdown()
+        server.server_close()
