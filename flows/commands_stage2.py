@@ -20,6 +20,10 @@ def register(subparsers) -> None:
     t.add_argument("--cache-features", action="store_true",
                    help="cache DINOv2 features in <campaign>/features/ (fp16) and read them after the first epoch")
     t.add_argument("--out", metavar="CKPT", help="checkpoint path (default <campaign>/train/<hash>/model.pt)")
+    t.add_argument("--train-size", type=int, default=448, metavar="PX",
+                   help="training view: short side resized, centre-cropped square, a multiple of 14 (default 448)")
+    t.add_argument("--batch-size", type=int, default=5, metavar="N", help="images per SGD step (default 5)")
+    t.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
@@ -70,7 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if "://" not in args.campaign and not os.path.isfile(os.path.join(args.campaign, "campaign.json")):
         raise UsageError(f"no campaign at {args.campaign} (campaign.json missing): run `fmbseg label` first")
-    cfg = TrainConfig(epochs=args.epochs, cache_features=args.cache_features, device=args.device)
+    cfg = TrainConfig(epochs=args.epochs, cache_features=args.cache_features, device=args.device,
+                      train_size=args.train_size, batch_size=args.batch_size, seed=args.seed)
     path = train_alignment(args.campaign, cfg, out=args.out, progress=not args.no_progress)
     print(path)
     return 0

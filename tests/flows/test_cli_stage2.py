@@ -30,9 +30,11 @@ def test_train_eval_predict(world_and_campaign, capsys):
     base = world_and_campaign
     ckpt = base / "model.pt"
     assert main(["train", "--campaign", str(base / "camp"), "--epochs", "1", "--out", str(ckpt),
-                 "--device", "cpu", "--no-progress"]) == 0
+                 "--train-size", "112", "--batch-size", "2", "--seed", "3", "--device", "cpu", "--no-progress"]) == 0
     assert capsys.readouterr().out.strip() == str(ckpt)
     assert ckpt.is_file() and (base / "model.config.json").is_file()
+    train = json.loads((base / "model.config.json").read_text())["train"]
+    assert (train["train_size"], train["batch_size"], train["seed"], train["epochs"]) == (112, 2, 3, 1)
     assert main(["eval", "--dataset", "custom", "--data-root", str(base / "w"), "--models", "maskclip,fmbseg",
                  "--checkpoint", str(ckpt), "--out", str(base / "rep"), "--device", "cpu", "--no-progress"]) == 0
     out = capsys.readouterr().out
