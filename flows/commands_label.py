@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="accept a changed Stage-1 config for this campaign (relabels every shard)")
     p.add_argument("--image-root", metavar="DIR", help="folder the COCO JSON's file names are relative to")
+    p.add_argument("--dense-mode", default="maskclip", choices=("maskclip", "clearclip", "sclip"),
+                   help="dense CLIP features of Stage 1: maskclip (default), clearclip (q-q attention, no residual "
+                   "or FFN in the last block) or sclip (q-q + k-k attention); part of the Stage-1 config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_label)
 
@@ -64,6 +67,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         device=args.device,
         image_root=args.image_root,
         overwrite=args.overwrite,
+        stage1={} if args.dense_mode == "maskclip" else {"dense_mode": args.dense_mode},
     )
     summary = run_label(cfg, rank=args.rank, world_size=args.world_size, retry_failed=args.retry_failed,
                         progress=not args.no_progress)

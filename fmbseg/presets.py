@@ -7,7 +7,8 @@
 | tiny   | the same classes at toy widths, SAM at 256 px                    | seeded random, offline  |
 | oracle | synthetic-world stand-ins (`fmbseg.testing.oracle`)              | none                    |
 
-`make_clip/make_sam/make_dino(preset, device="auto", weights=None, random_init=False)` build the architecture,
+`make_clip/make_sam/make_dino(preset, device="auto", weights=None, random_init=False)` build the architecture
+(`make_clip` also takes `dense_mode`: maskclip, clearclip or sclip),
 then load weights (an explicit `weights` path, else the registry's checkpoint, see `fmbseg.models.weights`).
 `random_init=True` skips loading and keeps a seeded random init (benchmarks of full-width architectures);
 `tiny` is always seeded random unless `weights` is given. Seeds are fixed per (preset, role), so every process
@@ -114,6 +115,7 @@ def _make(
     weights: str | None,
     random_init: bool,
     wrap: Callable[[torch.nn.Module, str, torch.device, str | None], Any],
+    oracle_kwargs: dict[str, Any] | None = None,
 ):
     from fmbseg.models.registry import PRETRAINED
     from fmbseg.models.weights import existing_file, load_weights, resolve_weights
@@ -127,7 +129,7 @@ def _make(
             raise ValueError("the oracle preset has no weights; do not pass weights=")
         import fmbseg.testing.oracle as oracle
 
-        return getattr(oracle, f"build_oracle_{role}")(dev)
+        return getattr(oracle, f"build_oracle_{role}")(dev, **(oracle_kwargs or {}))
     spec: RoleSpec = getattr(p, role)
     what = f"{preset} {role} ({spec.arch})"
     entry = PRETRAINED[spec.checkpoint] if spec.checkpoint else None
@@ -154,11 +156,15 @@ def _convert_dino(sd, module):
 _CONVERTERS = {"dino": _convert_dino}
 
 
-def make_clip(preset: str, device: str | torch.device = "auto", weights: str | None = None, random_init: bool = False):
-    """-> a `ClipModel` of `preset` (see module docstring for how weights are found)."""
-    from fmbseg.models.clip import OpenClipModel
+def make_clip(preset: str, device: str | torch.device = "auto", weights: str | None = None, random_init: bool = False,
+              dense_mode: str = "maskclip"):
+    """-> a `ClipModel` of `preset` (see module docstring for how weights are found). `dense_mode`: the dense
+    CLIP path, one of `fmbseg.models.clip.DENSE_MODES` (the oracle accepts any and ignores it)."""
+    from fmbseg.models.clip import OpenClipModel, check_dense_mode
 
-    return _make("clip", preset, device, weights, random_init, lambda m, i, d, s: OpenClipModel(m, i, d, s))
+    check_dense_mode(dense_mode)
+    return _make("clip", preset, device, weights, random_init,
+                 lambda m, i, d, s: OpenClipModel(m, i, d, s, dense_mode=dense_mode), {"dense_mode": dense_mode})
 
 
 def make_sam(preset: str, device: str | torch.device = "auto", weights: str | None = None, random_init: bool = False):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from fmbseg import IGNORE_LABEL
 from fmbseg.device import synchronize
 from fmbseg.models.base import AutoMaskConfig, ClipModel, SamModel
+from fmbseg.models.clip import DENSE_MODES
 from fmbseg.models.sliding import sliding_window_features
 from fmbseg.pooling import mask_pool
 
@@ -46,6 +47,9 @@ class Stage1Config:
     max_area_frac: float = 0.95
     stage12_fraction: float = 0.75
     templates: tuple[str, ...] = ("a photo of a {}.",)
+    # Dense CLIP path (DESIGN §3): maskclip | clearclip | sclip. Recorded by `to_dict` only when not the default,
+    # so campaigns labelled before this option existed keep their Stage-1 hash.
+    dense_mode: str = "maskclip"
 
     def __post_init__(self):
         if isinstance(self.templates, str):
@@ -71,6 +75,8 @@ class Stage1Config:
         for t in self.templates:
             if not isinstance(t, str) or t.count("{}") != 1:
                 problems.append(f"template {t!r} must be a string with exactly one '{{}}'")
+        if self.dense_mode not in DENSE_MODES:
+            problems.append(f"dense_mode must be one of {', '.join(DENSE_MODES)} (got {self.dense_mode!r})")
         if problems:
             raise ValueError("invalid Stage-1 config: " + "; ".join(problems))
         # Canonical types, so {"upscale": 2} and the default 2.0 hash to the same campaign config.
@@ -205,7 +211,7 @@ def run_stage1(
     """Stage 1 of one image (DESIGN §1).
 
     image: (H, W, 3) uint8 RGB, upright. text: (K, D) class text embeddings (made with `config.templates`;
-    normalised here again). Masks with no pixel are dropped. Images with no detected class get no masks (and no
+    normalised here again). `clip` must have been built with `config.dense_mode` (checked when it says). Masks with no pixel are dropped. Images with no detected class get no masks (and no
     SAM pass)."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {getattr(image, 'shape', None)} "
@@ -214,6 +220,9 @@ def run_stage1(
         raise ValueError(f"text must be a (K, D) tensor with K >= 1, got {tuple(getattr(text, 'shape', ()))}")
     if text.shape[1] != clip.embed_dim:
         raise ValueError(f"text embeddings have D={text.shape[1]}, {clip.model_id} embeds into D={clip.embed_dim}")
+    if getattr(clip, "dense_mode", config.dense_mode) != config.dense_mode:
+        raise ValueError(f"the Stage-1 config asks for dense_mode {config.dense_mode!r} but {clip.model_id} was "
+                         f"built with {clip.dense_mode!r}; build it with make_clip(..., dense_mode=...)")
     selection_rng(seed, image_id)  # validates seed and image_id before any model work
     H, W = image.shape[:2]
     K = text.shape[0]

@@ -86,7 +86,9 @@ def evaluate(dataset: str, data_root: str, models: Sequence[str] | str, out: str
     class_prompts = [p[0] if len(p) == 1 else p for p in ds.prompts]
 
     need_clip = any(m != "fmbseg" for m in names)
-    clip = make_clip(preset, device=str(dev)) if need_clip else None
+    # The dense CLIP mode of a `stage1` override applies to every CLIP-based segmenter here (maskclip included).
+    dense_mode = stage1_cfg.dense_mode if stage1_cfg is not None else stage1.get("dense_mode", "maskclip")
+    clip = make_clip(preset, device=str(dev), dense_mode=dense_mode) if need_clip else None
     maskclip = MaskClipSegmenter(clip, background, window) if clip is not None else None
     family = None
     if stage1_cfg is not None:
@@ -131,6 +133,8 @@ def evaluate(dataset: str, data_root: str, models: Sequence[str] | str, out: str
               "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
               "checkpoint_train_hash": ckpt["train_hash"] if ckpt is not None else None,
               "version": fmbseg.__version__}
+    if clip is not None:
+        config["dense_mode"] = dense_mode
     results = {}
     for m in names:
         r = matrices[m].compute()

@@ -97,7 +97,7 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
     entries = list_inputs(cfg.images, cfg.image_root)
     if not entries:
         raise ValueError(f"no image files (.jpg .jpeg .png .webp .bmp .tif .tiff) under {cfg.images}")
-    clip, sam = models_cache.get_models(cfg.preset, cfg.device)
+    clip, sam = models_cache.get_models(cfg.preset, cfg.device, stage1.dense_mode)
     local = "://" not in cfg.images
     manifest = CampaignManifest(
         stage1=stage1.to_dict(),
@@ -175,7 +175,8 @@ def label_shard(
     entries = read_shard(root, shard_id)
     from fmbseg.stage1 import run_stage1
 
-    clip, sam = models_cache.get_models(manifest.preset, device)
+    config = stage1_config_from_manifest(manifest)
+    clip, sam = models_cache.get_models(manifest.preset, device, config.dense_mode)
     if _model_record(clip, sam) != manifest.models:
         diff = "; ".join(differing_fields({"models": manifest.models}, {"models": _model_record(clip, sam)}))
         raise ValueError(
@@ -183,7 +184,6 @@ def label_shard(
             f"({diff}); rerun `fmbseg label` with --overwrite, or use another --campaign directory"
         )
     vocab = Vocabulary.from_json(manifest.vocabulary)
-    config = stage1_config_from_manifest(manifest)
     text = models_cache.text_embeddings(clip, vocab, config.templates)
     if marker is not None:
         remove_done(root, shard_id)  # readers must not see a committed shard while its files are rewritten

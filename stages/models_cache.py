@@ -1,4 +1,4 @@
-"""Per-process caches: one model load per (preset, device) and one text encoding per vocabulary.
+"""Per-process caches: one model load per (preset, device, dense CLIP mode) and one text encoding per vocabulary.
 
 A worker labels many shards; loading CLIP and SAM (seconds to minutes for real weights) and encoding the
 vocabulary must happen once per process, not once per shard.
@@ -13,28 +13,29 @@ import torch
 from fmbseg.device import resolve_device
 from fmbseg.vocab import Vocabulary
 
-_MODELS: dict[tuple[str, str], tuple[Any, Any]] = {}
+_MODELS: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _TEXT: dict[tuple, torch.Tensor] = {}
 
 
-def _key(preset: str, device: str | torch.device) -> tuple[str, str]:
-    return preset, str(resolve_device(device))
+def _key(preset: str, device: str | torch.device, dense_mode: str) -> tuple[str, str, str]:
+    return preset, str(resolve_device(device)), dense_mode
 
 
-def get_models(preset: str, device: str | torch.device = "auto") -> tuple[Any, Any]:
-    """(ClipModel, SamModel) of `preset` on `device`, built and loaded once per process."""
-    key = _key(preset, device)
+def get_models(preset: str, device: str | torch.device = "auto", dense_mode: str = "maskclip") -> tuple[Any, Any]:
+    """(ClipModel, SamModel) of `preset` on `device`, CLIP with `dense_mode`, built and loaded once per process."""
+    key = _key(preset, device, dense_mode)
     if key not in _MODELS:
         from fmbseg.presets import make_clip, make_sam
 
         dev = resolve_device(device)
-        _MODELS[key] = (make_clip(preset, dev), make_sam(preset, dev))
+        _MODELS[key] = (make_clip(preset, dev, dense_mode=dense_mode), make_sam(preset, dev))
     return _MODELS[key]
 
 
 def register_models(preset: str, device: str | torch.device, clip: Any, sam: Any) -> None:
-    """Use these models for (preset, device) in this process (benchmarks with randomly initialised weights)."""
-    _MODELS[_key(preset, device)] = (clip, sam)
+    """Use these models for (preset, device, clip.dense_mode) in this process (benchmarks with randomly
+    initialised weights)."""
+    _MODELS[_key(preset, device, getattr(clip, "dense_mode", "maskclip"))] = (clip, sam)
 
 
 def clear() -> None:

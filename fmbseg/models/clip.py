@@ -1,8 +1,14 @@
-"""CLIP adapter over open_clip: text embeddings, crop CLS embeddings and MaskCLIP dense features (DESIGN §3).
+"""CLIP adapter over open_clip: text embeddings, crop CLS embeddings and dense features (DESIGN §3).
 
-Dense features follow MaskCLIP's value path in the last vision block: with x the tokens entering it,
-y = ln_1(x); v = out_proj(W_v y + b_v) (queries and keys unused); v = x + ls_1(v); v = v + ls_2(mlp(ln_2(v)));
-then ln_post and the visual projection. The CLS embedding takes the ordinary path, so it equals
+Dense features change only the last vision block; with x the tokens entering it (CLS included) and y = ln_1(x):
+- `maskclip` (default, MaskCLIP's value path): v = out_proj(W_v y + b_v) (queries and keys unused);
+  v = x + ls_1(v); v = v + ls_2(mlp(ln_2(v))).
+- `clearclip` (ClearCLIP, Lan et al. 2024): per head A = softmax(q q^T / sqrt(d_head)) over all tokens;
+  v = out_proj(A v); no residual, no FFN (ClearCLIP's default `ignore_residual=True`, q-q attention).
+- `sclip` (SCLIP, Wang et al. 2023, correlative self-attention): per head
+  A = softmax(q q^T / sqrt(d_head)) + softmax(k k^T / sqrt(d_head)); a = out_proj(A v); v = x + ls_1(a);
+  v = v + ls_2(mlp(ln_2(v))) -- SCLIP's official code keeps the residual and the FFN of the last block.
+Then ln_post and the visual projection. The CLS embedding takes the ordinary path in every mode, so it equals
 `model.encode_image`. For a non-native input grid the positional embeddings are interpolated bicubically
 (cached per grid).
 """
@@ -20,6 +26,15 @@ from fmbseg.device import autocast
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+DENSE_MODES = ("maskclip", "clearclip", "sclip")
+
+
+def check_dense_mode(mode: str) -> str:
+    """`mode` if it is one of `DENSE_MODES`, else ValueError naming the valid ones."""
+    if not isinstance(mode, str) or mode not in DENSE_MODES:
+        raise ValueError(f"unknown dense CLIP mode {mode!r}; choose one of {', '.join(DENSE_MODES)}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -92,11 +107,30 @@ def _check_supported(visual: nn.Module) -> None:
         raise NotImplementedError(f"dense CLIP features need the default attention block, got {type(last).__name__}")
 
 
-def dense_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """open_clip `CLIP` + normalised batch (B, 3, H, W), H and W multiples of the patch size ->
-    raw (un-normalised) `cls (B, D)` (== `model.encode_image(images)`) and `dense (B, H/P, W/P, D)` (MaskCLIP).
+def _correlative_attention(attn: nn.MultiheadAttention, y: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, L, C) normed tokens -> out_proj(A v) with A = softmax(q q^T s) (clearclip) or
+    softmax(q q^T s) + softmax(k k^T s) (sclip), per head, s = 1/sqrt(head dim), over all L tokens."""
+    b, n, c = y.shape
+    heads = attn.num_heads
+    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(b, n, heads, c // heads).transpose(1, 2) for t in (q, k, v))  # (B, h, L, d)
+    # scaled_dot_product_attention(a, a, v) == softmax(a a^T / sqrt(d)) v, without materialising A on fused kernels.
+    out = F.scaled_dot_product_attention(q, q, v)
+    if mode == "sclip":
+        out = out + F.scaled_dot_product_attention(k, k, v)
+    return attn.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
-    Patch dropout is not applied: every patch must reach the output grid (it is a training-only op anyway)."""
+
+def dense_features(
+    model: nn.Module, images: torch.Tensor, mode: str = "maskclip"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip `CLIP` + normalised batch (B, 3, H, W), H and W multiples of the patch size ->
+    raw (un-normalised) `cls (B, D)` (== `model.encode_image(images)`) and `dense (B, H/P, W/P, D)`.
+
+    `mode` (one of `DENSE_MODES`, see the module docstring) picks the dense path of the last block; the CLS
+    output is the same in every mode. Patch dropout is not applied: every patch must reach the output grid
+    (it is a training-only op anyway)."""
+    check_dense_mode(mode)
     visual = model.visual
     _check_supported(visual)
     if images.ndim != 4 or images.shape[1] != 3:
@@ -135,14 +169,23 @@ def dense_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor
         pooled, _ = visual._pool(full)
     cls = pooled @ visual.proj if visual.proj is not None else pooled
 
-    # Dense path: MaskCLIP value path on the patch tokens.
-    y = last.ln_1(x[:, 1:])
-    dim = y.shape[-1]
-    w_v = last.attn.in_proj_weight[2 * dim :]
-    b_v = last.attn.in_proj_bias[2 * dim :] if last.attn.in_proj_bias is not None else None
-    v = last.attn.out_proj(F.linear(y, w_v, b_v))
-    v = x[:, 1:] + last.ls_1(v)
-    v = v + last.ls_2(last.mlp(last.ln_2(v)))
+    if mode == "maskclip":
+        # Dense path: MaskCLIP value path on the patch tokens (token-wise, the CLS token is not needed).
+        y = last.ln_1(x[:, 1:])
+        dim = y.shape[-1]
+        w_v = last.attn.in_proj_weight[2 * dim :]
+        b_v = last.attn.in_proj_bias[2 * dim :] if last.attn.in_proj_bias is not None else None
+        v = last.attn.out_proj(F.linear(y, w_v, b_v))
+        v = x[:, 1:] + last.ls_1(v)
+        v = v + last.ls_2(last.mlp(last.ln_2(v)))
+    else:
+        # q-q (clearclip) or q-q + k-k (sclip) attention over all tokens, CLS included; its row dropped after.
+        a = _correlative_attention(last.attn, last.ln_1(x), mode)[:, 1:]
+        if mode == "clearclip":
+            v = a  # no residual, no FFN
+        else:
+            v = x[:, 1:] + last.ls_1(a)
+            v = v + last.ls_2(last.mlp(last.ln_2(v)))
     v = visual.ln_post(v)
     if visual.proj is not None:
         v = v @ visual.proj
@@ -153,7 +196,9 @@ def dense_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor
 
 
 class OpenClipModel:
-    """`ClipModel` over an open_clip `CLIP` (frozen, eval mode). Inputs are in [0, 1]; OpenAI statistics inside."""
+    """`ClipModel` over an open_clip `CLIP` (frozen, eval mode). Inputs are in [0, 1]; OpenAI statistics inside.
+
+    `dense_mode` (one of `DENSE_MODES`, default `maskclip`) is the dense path of `encode_crops`/`encode_dense`."""
 
     def __init__(
         self,
@@ -164,10 +209,12 @@ class OpenClipModel:
         mean: Sequence[float] = OPENAI_MEAN,
         std: Sequence[float] = OPENAI_STD,
         text_batch_size: int = 256,
+        dense_mode: str = "maskclip",
     ):
         from open_clip.tokenizer import SimpleTokenizer
 
         _check_supported(model.visual)
+        self.dense_mode = check_dense_mode(dense_mode)
         self.model = model.to(device).eval().requires_grad_(False)
         self.device = device
         self.model_id = model_id
@@ -235,12 +282,12 @@ class OpenClipModel:
                 "use encode_dense for other sizes"
             )
         with autocast(self.device):
-            cls, dense = dense_features(self.model, self._normalise(crops))
+            cls, dense = dense_features(self.model, self._normalise(crops), self.dense_mode)
         return F.normalize(cls.float(), dim=-1), F.normalize(dense.float(), dim=-1)
 
     @torch.no_grad()
     def encode_dense(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1], H and W multiples of P -> (B, H/P, W/P, D) L2-normalised."""
         with autocast(self.device):
-            _, dense = dense_features(self.model, self._normalise(images))
+            _, dense = dense_features(self.model, self._normalise(images), self.dense_mode)
         return F.normalize(dense.float(), dim=-1)

@@ -53,7 +53,8 @@ class OracleClip:
     model_id = "oracle-clip"
     weights_sha256 = None
 
-    def __init__(self, device: torch.device, input_size: int = 224, patch_size: int = 16, embed_dim: int = 32):
+    def __init__(self, device: torch.device, input_size: int = 224, patch_size: int = 16, embed_dim: int = 32,
+                 dense_mode: str = "maskclip"):
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
         if embed_dim < NUM_COLOURS:
@@ -62,6 +63,8 @@ class OracleClip:
         self.input_size = input_size
         self.patch_size = patch_size
         self.embed_dim = embed_dim
+        # Recorded for symmetry with OpenClipModel; the oracle's dense features are exact in every mode.
+        self.dense_mode = dense_mode
         g = torch.Generator().manual_seed(ORACLE_SEED)
         q, _ = torch.linalg.qr(torch.randn(embed_dim, embed_dim, generator=g, dtype=torch.float64))
         self.colour_vectors = q[:, :NUM_COLOURS].T.contiguous().float().to(device)  # (12, D) orthonormal rows
@@ -263,8 +266,8 @@ class OracleDino:
         return feats + self.noise * torch.stack(noise).to(self.device)
 
 
-def build_oracle_clip(device: str | torch.device = "cpu") -> OracleClip:
-    return OracleClip(resolve_device(device))
+def build_oracle_clip(device: str | torch.device = "cpu", dense_mode: str = "maskclip") -> OracleClip:
+    return OracleClip(resolve_device(device), dense_mode=dense_mode)
 
 
 def build_oracle_sam(device: str | torch.device = "cpu") -> OracleSam:

@@ -105,3 +105,34 @@ def test_changed_config_refused_and_missing_campaign(world, single, tmp_path, ca
     assert "seed: 3 -> 4" in err and "--overwrite" in err and len(err.splitlines()) == 1
     assert main(["status", "--campaign", str(tmp_path / "nothing")]) == 2
     assert "no campaign at" in capsys.readouterr().err
+
+
+def test_dense_mode_flag(world, single, tmp_path, capsys):
+    import json
+
+    from fmbseg.models.clip import DENSE_MODES
+
+    # A new mode is a changed Stage-1 config for an existing campaign: refused, naming the field.
+    assert main(label_args(world, single, "--dense-mode", "sclip")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stage1.dense_mode" in err and "sclip" in err and len(err.splitlines()) == 1
+    # The default flag value is the campaign's existing (default) config: nothing to relabel.
+    assert main(label_args(world, single, "--dense-mode", "maskclip")) == 0
+    assert "already done" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(label_args(world, tmp_path / "c", "--dense-mode", "gem"))
+    assert e.value.code == 2 and "invalid choice: 'gem'" in capsys.readouterr().err
+    # The flag's choices are the library's modes; a chosen mode is recorded in campaign.json.
+    from flows.cli import build_parser
+
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["label"]._actions
+                  if a.dest == "dense_mode")
+    assert tuple(action.choices) == DENSE_MODES and action.default == "maskclip"
+    one = tmp_path / "one"
+    one.mkdir()
+    first = sorted((world / "w" / "images").iterdir())[0]
+    (one / first.name).write_bytes(first.read_bytes())
+    args = label_args(world, tmp_path / "camp", "--dense-mode", "clearclip")
+    args[args.index("--images") + 1] = str(one)
+    assert main(args) == 0
+    assert json.loads((tmp_path / "camp" / "campaign.json").read_text())["stage1"]["dense_mode"] == "clearclip"

@@ -96,7 +96,7 @@ def test_oracle_preset_delegates_to_the_testing_oracle(monkeypatch):
     calls = []
     fake = types.ModuleType("fmbseg.testing.oracle")
     for role in ("clip", "sam", "dino"):
-        setattr(fake, f"build_oracle_{role}", lambda device, role=role: calls.append((role, device)) or role)
+        setattr(fake, f"build_oracle_{role}", lambda device, role=role, **kw: calls.append((role, device)) or role)
     monkeypatch.setitem(sys.modules, "fmbseg.testing.oracle", fake)
     import fmbseg.testing
 

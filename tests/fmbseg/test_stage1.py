@@ -40,6 +40,17 @@ def test_config_defaults_and_round_trip():
         Stage1Config(templates=("a photo",))
 
 
+def test_config_dense_mode():
+    assert Stage1Config().dense_mode == "maskclip"
+    assert Stage1Config().to_dict()["dense_mode"] == "maskclip"
+    for mode in ("clearclip", "sclip"):
+        d = Stage1Config(dense_mode=mode).to_dict()
+        assert d["dense_mode"] == mode and Stage1Config.from_dict(d).dense_mode == mode
+    assert Stage1Config.from_dict({"dense_mode": "maskclip"}) == Stage1Config()
+    with pytest.raises(ValueError, match="dense_mode must be one of maskclip, clearclip, sclip.*'gem'"):
+        Stage1Config(dense_mode="gem")
+
+
 # -------------------------------------------------------------------------------------------- selection rule
 
 def test_selection_rule():
@@ -230,3 +241,13 @@ def test_no_detected_class_gives_no_masks(oracle):
         run_stage1(image, clip, sam, text[:, :8], Stage1Config(), seed=0, image_id="x")
     with pytest.raises(ValueError, match="uint8"):
         run_stage1(image.astype(np.float32), clip, sam, text, Stage1Config(), seed=0, image_id="x")
+
+
+def test_clip_must_be_built_with_the_configs_dense_mode(oracle):
+    _, sam, text = oracle
+    image, _ = make_world_image(np.random.default_rng(3), 64, 96)
+    with pytest.raises(ValueError, match="dense_mode 'sclip'.*built with 'maskclip'"):
+        run_stage1(image, build_oracle_clip("cpu"), sam, text, Stage1Config(dense_mode="sclip"), seed=0, image_id="x")
+    r = run_stage1(image, build_oracle_clip("cpu", dense_mode="sclip"), sam, text, Stage1Config(dense_mode="sclip"),
+                   seed=0, image_id="x")
+    assert r.label.shape == (64, 96)

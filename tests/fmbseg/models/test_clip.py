@@ -1,13 +1,16 @@
-"""The open_clip adapter: MaskCLIP dense features against a hand-written reference, text embeddings, shapes."""
+"""The open_clip adapter: MaskCLIP (and ClearCLIP / SCLIP) dense features against hand-written references, text
+embeddings, shapes."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fmbseg.models.base import ClipModel
-from fmbseg.models.clip import ClipArch, OpenClipModel, build_clip, dense_features
+from fmbseg.models.clip import DENSE_MODES, ClipArch, OpenClipModel, build_clip, dense_features
 from fmbseg.presets import make_clip
 
 TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
@@ -33,8 +36,8 @@ def _ln(x, ln):
     return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
-def _reference_maskclip(model, images):
-    """MaskCLIP written from DESIGN §3 with explicit matrices (independent of fmbseg.models.clip)."""
+def _tokens_before_last_block(model, images):
+    """(B, 1 + gh*gw, C) tokens entering the last vision block, written with explicit matrices; and (gh, gw)."""
     v = model.visual
     b, _, h, w = images.shape
     p = v.patch_size[0]
@@ -52,6 +55,19 @@ def _reference_maskclip(model, images):
     x = _ln(x, v.ln_pre)
     for blk in v.transformer.resblocks[:-1]:
         x = blk(x)
+    return x, (gh, gw)
+
+
+def _mlp(last, x):
+    hid = x @ last.mlp.c_fc.weight.T + last.mlp.c_fc.bias
+    return last.mlp.gelu(hid) @ last.mlp.c_proj.weight.T + last.mlp.c_proj.bias
+
+
+def _reference_maskclip(model, images):
+    """MaskCLIP written from DESIGN §3 with explicit matrices (independent of fmbseg.models.clip)."""
+    v = model.visual
+    b = images.shape[0]
+    x, (gh, gw) = _tokens_before_last_block(model, images)
     last = v.transformer.resblocks[-1]
     gamma1 = last.ls_1.gamma if hasattr(last.ls_1, "gamma") else 1.0
     gamma2 = last.ls_2.gamma if hasattr(last.ls_2, "gamma") else 1.0
@@ -61,10 +77,47 @@ def _reference_maskclip(model, images):
     y = _ln(x, last.ln_1)
     val = (y @ w_v.T + b_v) @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
     val = x + gamma1 * val
-    hid = _ln(val, last.ln_2) @ last.mlp.c_fc.weight.T + last.mlp.c_fc.bias
-    hid = last.mlp.gelu(hid) @ last.mlp.c_proj.weight.T + last.mlp.c_proj.bias
-    val = val + gamma2 * hid
+    val = val + gamma2 * _mlp(last, _ln(val, last.ln_2))
     dense = _ln(val[:, 1:], v.ln_post) @ v.proj
+    return dense.reshape(b, gh, gw, -1)
+
+
+def _softmax_rows(s):
+    e = (s - s.max(dim=-1, keepdim=True).values).exp()
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def _reference_correlative(model, images, mode):
+    """ClearCLIP / SCLIP last block with explicit per-head loops over all tokens (CLS included):
+    clearclip: a = out_proj(softmax(q_h q_h^T / sqrt(d)) v_h), dense = ln_post(a) proj (no residual, no FFN);
+    sclip: A_h = softmax(q_h q_h^T / sqrt(d)) + softmax(k_h k_h^T / sqrt(d)), a = out_proj(A v),
+    val = x + ls_1 a, val += ls_2 mlp(ln_2 val), dense = ln_post(val) proj (SCLIP keeps residual and FFN)."""
+    v = model.visual
+    b = images.shape[0]
+    x, (gh, gw) = _tokens_before_last_block(model, images)
+    last = v.transformer.resblocks[-1]
+    c = x.shape[-1]
+    heads = last.attn.num_heads
+    d = c // heads
+    w, bias = last.attn.in_proj_weight, last.attn.in_proj_bias
+    y = _ln(x, last.ln_1)
+    q, k, val = (y @ w[i * c : (i + 1) * c].T + bias[i * c : (i + 1) * c] for i in range(3))
+    per_head = []
+    for h in range(heads):
+        qh, kh, vh = (t[..., h * d : (h + 1) * d] for t in (q, k, val))
+        attn = _softmax_rows(qh @ qh.transpose(1, 2) / math.sqrt(d))
+        if mode == "sclip":
+            attn = attn + _softmax_rows(kh @ kh.transpose(1, 2) / math.sqrt(d))
+        per_head.append(attn @ vh)
+    a = torch.cat(per_head, dim=-1) @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
+    if mode == "clearclip":
+        out = a
+    else:
+        gamma1 = last.ls_1.gamma if hasattr(last.ls_1, "gamma") else 1.0
+        gamma2 = last.ls_2.gamma if hasattr(last.ls_2, "gamma") else 1.0
+        out = x + gamma1 * a
+        out = out + gamma2 * _mlp(last, _ln(out, last.ln_2))
+    dense = _ln(out[:, 1:], v.ln_post) @ v.proj
     return dense.reshape(b, gh, gw, -1)
 
 
@@ -108,6 +161,61 @@ def test_dense_features_at_non_native_size_vit_b16_geometry():
         changed = dense_features(model, images)[1]
     assert torch.equal(again, dense)
     assert not torch.allclose(changed, dense)
+
+
+@pytest.mark.parametrize("mode", ["clearclip", "sclip"])
+@pytest.mark.parametrize("vision,size", [({}, (64, 64)), ({"ls_init_value": 0.5}, (64, 64)), ({}, (48, 80))],
+                         ids=["plain", "layer-scale", "non-native"])
+def test_dense_modes_equal_handwritten_formulas(mode, vision, size):
+    model = _random_clip(_arch(**vision))
+    assert model.visual.transformer.resblocks[-1].attn.num_heads == 2  # per-head splitting is exercised
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        cls, dense = dense_features(model, images, mode)
+        ref = _reference_correlative(model, images, mode)
+        ref_cls, maskclip = dense_features(model, images)
+        if size == (64, 64):
+            assert torch.allclose(ref_cls, model.encode_image(images), atol=1e-5, rtol=1e-5)
+    gh, gw = size[0] // 8, size[1] // 8
+    print(f"\n{mode} {size}: max |dense - reference| = {(dense - ref).abs().max():.2e}")
+    assert dense.shape == (2, gh, gw, 24)
+    assert torch.allclose(dense, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(cls, ref_cls, atol=1e-5, rtol=1e-5)  # CLS is the ordinary path in every mode
+    assert not torch.allclose(dense, maskclip, atol=1e-3)
+
+
+def test_dense_modes_differ_and_maskclip_is_the_default():
+    model = _random_clip(_arch())
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        default = dense_features(model, images)
+        out = {m: dense_features(model, images, m) for m in DENSE_MODES}
+    assert DENSE_MODES == ("maskclip", "clearclip", "sclip")
+    assert torch.equal(default[0], out["maskclip"][0]) and torch.equal(default[1], out["maskclip"][1])
+    assert not torch.allclose(out["clearclip"][1], out["sclip"][1], atol=1e-3)
+    for m in DENSE_MODES:
+        assert torch.equal(out[m][0], default[0])
+    with pytest.raises(ValueError, match="unknown dense CLIP mode 'gem'.*maskclip, clearclip, sclip"):
+        dense_features(model, images, "gem")
+
+
+def test_adapter_dense_mode_reaches_encode_crops_and_encode_dense():
+    for mode in DENSE_MODES:
+        clip = make_clip("tiny", device="cpu", dense_mode=mode)
+        assert clip.dense_mode == mode
+        crops, images = torch.rand(2, 3, 64, 64), torch.rand(1, 3, 48, 96)
+        _, dense = clip.encode_crops(crops)
+        with torch.no_grad():
+            ref = F.normalize(dense_features(clip.model, clip._normalise(crops), mode)[1], dim=-1)
+            ref_full = F.normalize(dense_features(clip.model, clip._normalise(images), mode)[1], dim=-1)
+        assert torch.allclose(dense, ref, atol=1e-6)
+        assert torch.allclose(clip.encode_dense(images), ref_full, atol=1e-6)
+    assert make_clip("tiny", device="cpu").dense_mode == "maskclip"
+    assert make_clip("oracle", device="cpu", dense_mode="sclip").dense_mode == "sclip"
+    with pytest.raises(ValueError, match="unknown dense CLIP mode 'bogus'.*maskclip, clearclip, sclip"):
+        make_clip("tiny", device="cpu", dense_mode="bogus")
+    with pytest.raises(ValueError, match="unknown dense CLIP mode"):
+        OpenClipModel(_random_clip(_arch()), "x", torch.device("cpu"), dense_mode="MaskCLIP")
 
 
 def test_dense_features_reject_sizes_off_the_patch_grid():
