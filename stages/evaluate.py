@@ -32,7 +32,7 @@ from fmbseg.metrics import ConfusionMatrix
 from fmbseg.segmenters import (SEGMENTER_NAMES, STAGE1_SEGMENTERS, MaskClipSegmenter, SlidingWindow, Stage1Segmenters,
                                TextCache, load_fmbseg)
 from fmbseg.vocab_builtin import COCO_STUFF_91
-from storage.fs import canonical_json
+from storage.fs import canonical_json, write_file
 
 PROTOCOL = {"short_side": 448, "max_long_side": 2048, "window": 448, "stride": 224, "template": "a photo of a {}.",
             "ignore_index": 255}
@@ -181,13 +181,6 @@ def _merge_results(out: str, dataset: str, results: dict) -> dict:
     return merged
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
@@ -245,8 +238,8 @@ def iou_chart(path: str, dataset: str, per_model: dict) -> None:
 
 def write_reports(out: str, merged: dict) -> None:
     os.makedirs(out, exist_ok=True)
-    _write_text(os.path.join(out, "results.json"), json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    _write_text(os.path.join(out, "results.md"), results_markdown(merged))
+    write_file(os.path.join(out, "results.json"), (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode())
+    write_file(os.path.join(out, "results.md"), results_markdown(merged).encode())
     for d, per_model in merged["results"].items():
         iou_chart(os.path.join(out, f"iou_{_file_safe(d)}.png"), d, per_model)
 

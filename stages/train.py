@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
-import fsspec
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -37,7 +36,7 @@ from fmbseg.images import load_image
 from fmbseg.losses import tsupcon
 from fmbseg.vocab import Vocabulary
 from stages.features_cache import FeatureCache, encoder_key
-from storage.fs import CampaignRoot, canonical_json
+from storage.fs import CampaignRoot, canonical_json, write_file
 from storage.reader import CampaignReader
 
 # Settings that do not change the trained weights, left out of the train hash.
@@ -277,14 +276,4 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
 
 
 def _write_config(ckpt_path: str, config: dict) -> None:
-    path = config_path_for(ckpt_path)
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    if "://" in path:
-        fs, p = fsspec.core.url_to_fs(path)
-        fs.pipe_file(p, text.encode())
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_file(config_path_for(ckpt_path), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())

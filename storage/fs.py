@@ -122,6 +122,12 @@ class CampaignRoot:
         raise KeyError(f"{self.full_url(rel)}: the filesystem reports no modification time")
 
 
+def write_file(url: str | os.PathLike, data: bytes) -> None:
+    """Write one file whole at a local path or fsspec URL, by the same rules as `CampaignRoot.write_bytes`."""
+    url = os.fspath(url)
+    CampaignRoot(os.path.dirname(url) or ".").write_bytes(os.path.basename(url), data)
+
+
 def dumps_json(obj: Any) -> str:
     """Canonical-ish JSON for files people read: sorted keys, 1-space indent, UTF-8, trailing newline."""
     return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n"

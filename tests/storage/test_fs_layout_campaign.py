@@ -105,3 +105,16 @@ def test_hand_edited_manifest_is_refused(tmp_path):
     root.write_json("campaign.json", d)
     with pytest.raises(ValueError, match="edited by hand"):
         read_manifest(root)
+
+
+def test_write_file_writes_whole_files_at_paths_and_urls(tmp_path):
+    import fsspec
+
+    from storage.fs import write_file
+
+    target = tmp_path / "deep" / "report.json"
+    write_file(target, b"{}\n")
+    write_file(str(target), b'{"a": 1}\n')  # replaces the file, leaves no temporary behind
+    assert target.read_bytes() == b'{"a": 1}\n' and sorted(p.name for p in target.parent.iterdir()) == ["report.json"]
+    write_file("memory://write-file-test/x/y.md", b"# t\n")
+    assert fsspec.filesystem("memory").cat("/write-file-test/x/y.md") == b"# t\n"
