@@ -12,8 +12,11 @@ import argparse
 import importlib
 import sys
 
+import fmbseg
+
 # Modules that register subcommands, in the order `fmbseg --help` lists them.
-COMMAND_MODULES = ("flows.commands_label", "flows.commands_stage2", "flows.demo")
+COMMAND_MODULES = ("flows.commands_label", "flows.commands_stage2", "flows.commands_weights", "flows.commands_deploy",
+                   "flows.demo")
 
 
 class UsageError(Exception):
@@ -24,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fmbseg", description="Annotation-free semantic segmentation with vision foundation models."
     )
+    parser.add_argument("--version", action="version", version=f"fmbseg {fmbseg.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

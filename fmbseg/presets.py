@@ -202,3 +202,17 @@ def preset_info(preset: str) -> dict[str, Any]:
             "random_seed": role_seed(p.name, role) if entry is None else None,
         }
     return info
+
+
+def preset_weights(preset: str) -> list[tuple[str, "WeightsEntry"]]:
+    """[(role, checkpoint entry)] of every pretrained file `preset` loads, in role order (clip, sam, dino);
+    empty for presets without checkpoints (`tiny`, `oracle`)."""
+    from fmbseg.models.registry import PRETRAINED
+
+    p = get_preset(preset)
+    out = []
+    for role in ("clip", "sam", "dino"):
+        spec: RoleSpec | None = getattr(p, role)
+        if spec is not None and spec.checkpoint:
+            out.append((role, PRETRAINED[spec.checkpoint]))
+    return out

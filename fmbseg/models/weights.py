@@ -4,8 +4,9 @@ Resolution order for one `WeightsEntry` (`resolve_weights`):
 1. an explicit path the user gave (`weights=...`);
 2. `$FMBSEG_WEIGHTS_DIR/<entry.filename>` (default `~/.cache/fmbseg/weights`);
 3. the file already in the Hugging Face cache, for entries hosted there (no network);
-4. a download from `entry.url` into the weights directory (short connect timeout, sha256 checked), unless
-   `FMBSEG_OFFLINE=1` or `HF_HUB_OFFLINE=1`;
+4. a download, unless `FMBSEG_OFFLINE=1` or `HF_HUB_OFFLINE=1`: Hugging Face files with
+   `huggingface_hub.hf_hub_download` (into the Hugging Face cache; resumable), the others with
+   `torch.hub.download_url_to_file` into the weights directory; the sha256 is checked either way;
 5. otherwise one `WeightsNotFoundError` naming the expected file, the directory to put it in and the source.
 
 Reading is always safe: `torch.load(path, map_location="cpu", weights_only=True)` or safetensors. A checkpoint may
@@ -18,10 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import socket
-import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,30 +72,50 @@ def offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in ("FMBSEG_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def resolve_weights(entry: WeightsEntry, explicit: str | os.PathLike | None = None) -> Path:
+def resolve_weights(entry: WeightsEntry, explicit: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """-> the local path of `entry`'s checkpoint, downloading it when allowed (see module docstring)."""
     if explicit is not None:
         return existing_file(explicit, entry.key)
+    found = find_local(entry)
+    if found is not None:
+        return found
     local = weights_dir() / entry.filename
-    if local.is_file():
-        return local
-    cached = _hf_cached(entry)
-    if cached is not None:
-        return cached
     if offline():
         reason = "offline mode (FMBSEG_OFFLINE/HF_HUB_OFFLINE) forbids downloading"
     else:
         try:
-            return download(entry, local)
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
-            reason = f"download failed: {getattr(e, 'reason', e)}"
+            return download(entry, local, progress=progress)
+        except CorruptWeightsError:
+            raise
+        except Exception as e:  # noqa: BLE001 - network, HTTP and hub errors all mean "not downloadable now"
+            reason = f"download failed: {type(e).__name__}: {e}".splitlines()[0]
     raise WeightsNotFoundError(
         f"weights for {entry.key} not found: expected file {entry.filename!r} in {local.parent} "
-        f"(set FMBSEG_WEIGHTS_DIR or pass an explicit weights path); {reason}; "
-        f"get it from {entry.url} ({entry.source}"
+        f"(put it there, set FMBSEG_WEIGHTS_DIR to its folder, or run `fmbseg weights download --preset P` where "
+        f"the machine is online); {reason}; get it from {entry.url} ({entry.source}"
         + (f", sha256 {entry.sha256}" if entry.sha256 else "")
         + ")"
     )
+
+
+def find_local(entry: WeightsEntry) -> Path | None:
+    """The checkpoint already on this machine, without any network: `$FMBSEG_WEIGHTS_DIR/<filename>`, else the
+    file in the Hugging Face cache (entries hosted there); None when neither has it."""
+    local = weights_dir() / entry.filename
+    if local.is_file():
+        return local
+    return _hf_cached(entry)
+
+
+def search_locations(entry: WeightsEntry) -> list[str]:
+    """Where `find_local` looks for `entry`, in order (for `fmbseg weights list`)."""
+    places = [str(weights_dir() / entry.filename)]
+    if entry.hf_repo and entry.hf_filename:
+        from huggingface_hub import constants
+
+        places.append(f"Hugging Face cache {constants.HF_HUB_CACHE} ({entry.hf_repo}: "
+                      + ", ".join((entry.hf_filename, *entry.hf_alt_filenames)) + ")")
+    return places
 
 
 def existing_file(path: str | os.PathLike, what: str) -> Path:
@@ -123,61 +140,63 @@ def _hf_cached(entry: WeightsEntry) -> Path | None:
     return None
 
 
-def download(entry: WeightsEntry, dest: Path, timeout: float = CONNECT_TIMEOUT_S) -> Path:
-    """Stream `entry.url` to `dest` through a temporary file; the file appears only once its sha256 is right.
+def download(entry: WeightsEntry, dest: Path, progress: bool = True) -> Path:
+    """Download `entry`; -> the local path. The file appears only once it is whole and its sha256 is right.
 
-    The expected hash is `entry.sha256`, else the sha256 Hugging Face sends for LFS files as `X-Linked-Etag` on its
-    redirect (never the CDN's own ETag, which is another 64-hex value), else none."""
+    Files hosted on Hugging Face go through `huggingface_hub.hf_hub_download` into the Hugging Face cache (it
+    resumes interrupted transfers, caches, and honours `HF_ENDPOINT`/`HF_TOKEN`); their sha256 is the LFS etag the
+    hub reports (the cached blob's name), checked here, else `entry.sha256`. Other files (the SAM release) go
+    through `torch.hub.download_url_to_file` into `dest` with `entry.sha256` checked. A mismatch raises
+    `CorruptWeightsError` and leaves no file behind."""
+    if entry.hf_repo and entry.hf_filename:
+        return _download_hf(entry, progress)
+    from torch.hub import download_url_to_file
+
     dest.parent.mkdir(parents=True, exist_ok=True)
-    request = urllib.request.Request(entry.url, headers={"User-Agent": "fmbseg"})
-    digest = hashlib.sha256()
-    hops = _RecordingRedirectHandler()
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    print(f"fmbseg: downloading {entry.key} from {entry.url} to {dest}", flush=True)
     try:
-        opener = urllib.request.build_opener(hops)
-        with os.fdopen(fd, "wb") as out, opener.open(request, timeout=timeout) as response:
-            expected = entry.sha256 or _linked_etag([*hops.headers, response.headers])
-            total = int(response.headers.get("Content-Length") or 0) or entry.size_bytes
-            done = 0
-            print(f"fmbseg: downloading {entry.key} from {entry.url} to {dest}", flush=True)
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-        if total is not None and done != total:
-            raise CorruptWeightsError(f"download of {entry.url} stopped after {done} of {total} bytes")
-        got = digest.hexdigest()
-        if expected and got != expected:
-            raise CorruptWeightsError(
-                f"download of {entry.url} has sha256 {got}, expected {expected}; the file was discarded"
-            )
-        os.replace(tmp, dest)
-        _SHA_CACHE[_file_key(dest)] = got
-        return dest
+        download_url_to_file(entry.url, str(dest), hash_prefix=entry.sha256, progress=progress)
+    except RuntimeError as e:
+        if "invalid hash value" not in str(e):
+            raise
+        raise CorruptWeightsError(
+            f"download of {entry.url} has the wrong sha256 ({e}); the file was discarded"
+        ) from None
+    if entry.size_bytes is not None and dest.stat().st_size != entry.size_bytes:
+        size = dest.stat().st_size
+        dest.unlink()
+        raise CorruptWeightsError(f"download of {entry.url} has {size} bytes, expected {entry.size_bytes}; discarded")
+    return dest
+
+
+def _download_hf(entry: WeightsEntry, progress: bool) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read per call (the library reads it once, at import)
+    print(f"fmbseg: downloading {entry.key} from Hugging Face {entry.hf_repo}/{entry.hf_filename}", flush=True)
+    if not progress:
+        disable_progress_bars()
+    try:
+        path = Path(hf_hub_download(entry.hf_repo, entry.hf_filename, endpoint=endpoint, etag_timeout=CONNECT_TIMEOUT_S))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-class _RecordingRedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follows redirects like urllib's default handler, keeping each redirect response's headers."""
-
-    def __init__(self):
-        self.headers: list = []
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        self.headers.append(headers)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _linked_etag(hop_headers) -> str | None:
-    """The sha256 Hugging Face gives an LFS file as `X-Linked-Etag` (on its 302 to the CDN). A plain ETag is never
-    trusted: the CDN's own ETag is also 64 hex digits but not the file's sha256."""
-    for headers in hop_headers:
-        tag = (headers.get("X-Linked-Etag") or "").strip().removeprefix("W/").strip('"').lower()
-        if _HEX64.match(tag):
-            return tag
-    return None
+        if not progress:
+            enable_progress_bars()
+    blob = Path(os.path.realpath(path))
+    # An LFS file's cached blob is named by its sha256 (the hub's X-Linked-Etag); a non-LFS blob by its git hash.
+    expected = entry.sha256 or (blob.name if _HEX64.match(blob.name) else None)
+    got = file_sha256(path)
+    if expected and got != expected:
+        for p in (path, blob):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        raise CorruptWeightsError(
+            f"download of {entry.hf_repo}/{entry.hf_filename} has sha256 {got}, expected {expected}; the file was "
+            "discarded"
+        )
+    return path
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}

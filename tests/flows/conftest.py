@@ -22,7 +22,7 @@ import pytest
 from flows.server import LocalServer, client_settings, start_server, stop_process, tail
 
 REPO = Path(__file__).resolve().parents[2]
-POOL = "fmbseg-test-pool"
+POOL = "fmbseg"  # prefect.yaml's own pool name: the session server is private to the tests
 # Small images (Stage 1 upscales them to CLIP's crop size anyway): a shard of one image takes ~0.3 s on CPU.
 SMALL_SIZES = ((96, 128), (128, 96), (112, 144))
 # Training settings small enough for tests: one epoch at 112 px (8 x 8 DINO patches).
@@ -50,9 +50,12 @@ def prefect_api(prefect_server):
 
 @pytest.fixture(scope="session")
 def deployed(prefect_server) -> str:
-    """`prefect deploy --all` from the repository's prefect.yaml onto a fresh process pool; -> the pool name."""
+    """`prefect --no-prompt deploy --all` from the repository's prefect.yaml, exactly as a user types it (no
+    FMBSEG_WORK_POOL needed), onto a fresh process pool named `fmbseg`; -> the pool name."""
     prefect_server.create_pool(POOL, cwd=REPO)
-    res = prefect_server.cli("deploy", "--all", cwd=REPO, env=prefect_server.env(FMBSEG_WORK_POOL=POOL))
+    env = prefect_server.env()
+    env.pop("FMBSEG_WORK_POOL", None)
+    res = prefect_server.cli("--no-prompt", "deploy", "--all", cwd=REPO, env=env)
     assert "fmbseg-pipeline/demo" in res.stdout, res.stdout[-3000:]
     return POOL
 

@@ -111,3 +111,38 @@ def test_two_workers_split_one_campaign(kit, prefect_server, start_worker, small
     files = kit.shard_files(campaign)
     assert all(names == ["part-0.parquet"] for t in files.values() for names in t.values())
     assert kit.sorted_masks(campaign).equals(kit.sorted_masks(reference_campaign))
+
+
+def test_fmbseg_deploy_onto_another_pool_with_a_gpu_limit_then_back(prefect_server, deployed):
+    """`fmbseg deploy --pool P --create-pool --gpu-limit N` creates the pool and the tag concurrency limit and moves
+    every deployment onto P; `fmbseg deploy` with no pool deploys onto prefect.yaml's `fmbseg` again (restoring
+    the session's deployments for the other tests)."""
+    import subprocess
+    import sys
+
+    from flows.commands_deploy import GPU_TAG
+
+    env = prefect_server.env()
+    env.pop("FMBSEG_WORK_POOL", None)
+
+    def deploy(*args):
+        res = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", *args], env=env, capture_output=True,
+                             text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res.stdout
+
+    def pools():
+        with client_settings(prefect_server.api_url, prefect_server.home), _client(prefect_server) as client:
+            return {f"{client.read_flow(d.flow_id).name}/{d.name}": d.work_pool_name
+                    for d in client.read_deployments()}
+
+    try:
+        out = deploy("--pool", "gpu-box", "--create-pool", "--gpu-limit", "2")
+        assert "created work pool gpu-box" in out
+        assert {pools()[n] for n in EXPECTED} == {"gpu-box"}
+        with client_settings(prefect_server.api_url, prefect_server.home), _client(prefect_server) as client:
+            assert client.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit == 2
+            assert client.read_work_pool("gpu-box").type == "process"
+    finally:
+        deploy()
+    assert {pools()[n] for n in EXPECTED} == {deployed}

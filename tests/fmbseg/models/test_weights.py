@@ -178,12 +178,12 @@ def test_resolution_order_and_checked_download(tmp_path, monkeypatch):
         resolve_weights(entry)
 
     monkeypatch.delenv("FMBSEG_OFFLINE")
-    with pytest.raises(CorruptWeightsError, match="expected " + hashlib.sha256(b"").hexdigest()):
-        resolve_weights(entry)
+    with pytest.raises(CorruptWeightsError, match="expected \"" + hashlib.sha256(b"").hexdigest()):
+        resolve_weights(entry, progress=False)
     assert not target.exists() and os.listdir(target.parent) == []  # nothing half-written is left
 
     good, _ = _entry(tmp_path, sha256=hashlib.sha256(data).hexdigest())
-    assert resolve_weights(good) == target and target.read_bytes() == data
+    assert resolve_weights(good, progress=False) == target and target.read_bytes() == data
     assert file_sha256(target) == good.sha256
 
     monkeypatch.setenv("FMBSEG_OFFLINE", "1")
@@ -240,50 +240,236 @@ def test_weights_in_the_hugging_face_cache_are_found_offline(tmp_path, monkeypat
     assert resolve_weights(entry) == snapshot / "open_clip_model.safetensors"  # the preferred file first
 
 
-def test_hugging_face_download_checks_the_linked_etag_not_the_cdn_etag(tmp_path, monkeypatch):
-    """Hugging Face answers /resolve/ with a 302 carrying the file's sha256 as X-Linked-Etag; the CDN it points to
-    sends its own 64-hex ETag, which is not the sha256 and must not fail a good download."""
+class _FakeHub:
+    """A Hugging Face-style file server on 127.0.0.1: `/{repo}/resolve/{revision}/{file}` answers HEAD and GET with
+    the hub's headers (X-Repo-Commit, the LFS sha256 as X-Linked-Etag, Content-Length) and honours Range requests.
+    `files[(repo, file)] = (payload, etag)`; `cut_first_get`: the first GET of a file sends half its bytes and drops
+    the connection (an interrupted download)."""
+
+    def __init__(self, files: dict, cut_first_get: bool = False):
+        import http.server
+        import threading
+
+        hub = self
+        self.files, self.cut, self.gets = files, cut_first_get, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _lookup(self):
+                parts = self.path.split("/resolve/")
+                if len(parts) != 2:
+                    return None
+                repo, rest = parts[0].strip("/"), parts[1].split("/", 1)
+                return hub.files.get((repo, rest[1] if len(rest) == 2 else ""))
+
+            def _head(self, payload: bytes, etag: str, start: int = 0):
+                self.send_response(206 if start else 200)
+                self.send_header("X-Repo-Commit", "a" * 40)
+                self.send_header("X-Linked-Etag", f'"{etag}"')
+                self.send_header("ETag", f'"{etag}"')
+                self.send_header("Content-Length", str(len(payload) - start))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+                self.end_headers()
+
+            def do_HEAD(self):
+                found = self._lookup()
+                if found is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self._head(*found)
+
+            def do_GET(self):
+                found = self._lookup()
+                if found is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                payload, etag = found
+                rng = self.headers.get("Range")
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                hub.gets.append((self.path, start))
+                self._head(payload, etag, start)
+                if hub.cut and len(hub.gets) == 1:
+                    self.wfile.write(payload[: len(payload) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(payload[start:])
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub_env(tmp_path, monkeypatch):
+    """Network allowed, proxies off, a private Hugging Face cache; -> a function starting a `_FakeHub`."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("FMBSEG_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    # Small read chunks, so an interrupted body has delivered whole chunks the resume can start after.
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 16384)
+    hubs = []
+
+    def start(files, cut_first_get=False):
+        hub = _FakeHub(files, cut_first_get)
+        hubs.append(hub)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        return hub
+
+    yield start
+    for hub in hubs:
+        hub.close()
+
+
+def _hf_entry(repo="org/model", file="model.safetensors", sha256=None) -> WeightsEntry:
+    return WeightsEntry("test:hf", "model-copy.safetensors", f"https://huggingface.co/{repo}/resolve/main/{file}",
+                        "a fake hub", sha256=sha256, hf_repo=repo, hf_filename=file)
+
+
+def test_hugging_face_download_through_hf_hub_download_resumes_and_checks_sha256(tmp_path, hub_env):
+    """The real download path (huggingface_hub.hf_hub_download against a hub-like server on 127.0.0.1): an
+    interrupted transfer is resumed with a Range request, the file lands in the Hugging Face cache and is found
+    there offline afterwards; the etag the hub reports is checked as the file's sha256."""
+    payload = os.urandom(200_000)
+    sha = hashlib.sha256(payload).hexdigest()
+    hub = hub_env({("org/model", "model.safetensors"): (payload, sha)}, cut_first_get=True)
+    entry = _hf_entry()
+    path = resolve_weights(entry, progress=False)
+    assert path.read_bytes() == payload and file_sha256(path) == sha
+    assert str(path).startswith(str(tmp_path / "hf"))
+    assert [start for _, start in hub.gets][0] == 0 and any(start > 0 for _, start in hub.gets[1:]), hub.gets
+    hub.close()
+    os.environ["FMBSEG_OFFLINE"] = "1"
+    try:
+        assert resolve_weights(entry) == path  # cached: no network needed any more
+    finally:
+        del os.environ["FMBSEG_OFFLINE"]
+
+
+def test_hugging_face_download_with_a_wrong_hash_is_refused_and_discarded(tmp_path, hub_env):
+    payload = os.urandom(5000)
+    wrong = hashlib.sha256(b"another file").hexdigest()
+    hub_env({("org/model", "model.safetensors"): (payload, wrong)})
+    with pytest.raises(CorruptWeightsError, match=f"expected {wrong}"):
+        resolve_weights(_hf_entry(), progress=False)
+    blobs = list((tmp_path / "hf").rglob("blobs/*"))
+    assert not [b for b in blobs if b.is_file() and not b.name.endswith(".incomplete")], blobs
+    # A registry sha256 wins over the hub's etag.
+    good = hashlib.sha256(payload).hexdigest()
+    with pytest.raises(CorruptWeightsError, match=f"expected {good[:8]}"):
+        resolve_weights(_hf_entry(sha256=good[:8] + "0" * 56), progress=False)
+
+
+def test_missing_file_on_the_hub_is_a_not_found_error_naming_the_file(tmp_path, hub_env):
+    hub_env({})
+    with pytest.raises(WeightsNotFoundError, match="model-copy.safetensors.*download failed"):
+        resolve_weights(_hf_entry(), progress=False)
+
+
+def test_url_download_goes_through_torch_hub_and_checks_the_hash(tmp_path, monkeypatch):
+    """Non-hub files (the SAM release) use torch.hub.download_url_to_file with the registry's sha256; an
+    interrupted or wrong file never appears under its final name."""
     import http.server
     import threading
 
-    payload = os.urandom(3000)
-    good = hashlib.sha256(payload).hexdigest()
-    linked = {"/good": good, "/bad": hashlib.sha256(b"other").hexdigest()}
+    payload = os.urandom(100_000)
+    served = {"/sam.pth": payload}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            if self.path in linked:
-                self.send_response(302)
-                self.send_header("Location", "/cdn")
-                self.send_header("X-Linked-Etag", f'"{linked[self.path]}"')
-                self.send_header("Content-Length", "0")
+            if self.path == "/cut.pth":  # announces the whole file, sends a third, hangs up
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
+                self.wfile.write(payload[: len(payload) // 3])
                 return
             self.send_response(200)
-            self.send_header("ETag", '"' + "ab" * 32 + '"')  # a CDN hash of its own
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            self.wfile.write(served.get(self.path, payload))
 
         def log_message(self, *args):
             pass
 
+    monkeypatch.delenv("FMBSEG_OFFLINE")
     for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    wdir = tmp_path / "weights"
     try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        entry = WeightsEntry("test:hf", "hf.bin", f"{base}/good", "a fake hub")
-        dest = tmp_path / "dl" / "hf.bin"
-        from fmbseg.models.weights import download
-
-        assert download(entry, dest) == dest and dest.read_bytes() == payload
-        bad = WeightsEntry("test:hf-bad", "bad.bin", f"{base}/bad", "a fake hub")
-        with pytest.raises(CorruptWeightsError, match="expected " + linked["/bad"]):
-            download(bad, tmp_path / "dl" / "bad.bin")
-        assert not (tmp_path / "dl" / "bad.bin").exists()
+        sha = hashlib.sha256(payload).hexdigest()
+        ok = WeightsEntry("test:sam", "sam.pth", f"{base}/sam.pth", "a release URL", sha256=sha, size_bytes=len(payload))
+        assert resolve_weights(ok, progress=False) == wdir / "sam.pth" and (wdir / "sam.pth").read_bytes() == payload
+        bad = WeightsEntry("test:bad", "bad.pth", f"{base}/sam.pth", "a release URL", sha256="0" * 64)
+        with pytest.raises(CorruptWeightsError, match="wrong sha256"):
+            resolve_weights(bad, progress=False)
+        cut = WeightsEntry("test:cut", "cut.pth", f"{base}/cut.pth", "a release URL", sha256=sha)
+        with pytest.raises((CorruptWeightsError, WeightsNotFoundError)):
+            resolve_weights(cut, progress=False)
+        assert sorted(p.name for p in wdir.iterdir()) == ["sam.pth"]  # no partial or bad file left behind
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_weights_command_lists_checks_and_downloads_a_preset(tmp_path, hub_env, monkeypatch, capsys):
+    """`fmbseg weights` covers all of a preset's files at once: list names every file and where it is looked for;
+    check exits 1 naming each missing file; download fetches them all, after which check passes."""
+    from flows.cli import main
+    from fmbseg.models import registry
+    from fmbseg.presets import preset_weights
+
+    entries = {role: e for role, e in preset_weights("base")}
+    assert sorted(entries) == ["clip", "dino", "sam"]
+    files, fake = {}, {}
+    for role, e in entries.items():
+        data = os.urandom(1000 + len(role))
+        sha = hashlib.sha256(data).hexdigest()
+        if e.hf_repo:
+            files[(e.hf_repo, e.hf_filename)] = (data, sha)
+            fake[e.key] = e
+        else:
+            sam_data, sam_sha = data, sha
+    hub = hub_env(files)
+    sam = entries["sam"]
+    sam_url = f"{hub.url}/sam-release/{sam.filename}"
+    files[("sam-release", sam.filename)] = (sam_data, sam_sha)
+    import dataclasses
+
+    monkeypatch.setitem(registry.PRETRAINED, sam.key, dataclasses.replace(
+        sam, url=sam_url.replace("/sam-release/", "/sam-release/resolve/x/"), sha256=sam_sha, size_bytes=len(sam_data)))
+
+    assert main(["weights", "list", "--preset", "base"]) == 0
+    out = capsys.readouterr().out
+    for e in entries.values():
+        assert e.filename in out and e.source in out
+    assert out.count("MISSING") == 3 and str(tmp_path / "weights") in out
+
+    assert main(["weights", "check", "--preset", "base"]) == 1
+    assert "0/3 ready" in capsys.readouterr().out
+
+    assert main(["weights", "download", "--preset", "base"]) == 0
+    out = capsys.readouterr().out
+    assert "3/3 ready" in out and "MISSING" not in out
+    assert (tmp_path / "weights" / sam.filename).read_bytes() == sam_data
+    assert main(["weights", "check", "--preset", "base"]) == 0
+    assert main(["weights", "list", "--preset", "tiny"]) == 0
