@@ -130,9 +130,10 @@ def window_logits(x: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor]
         with torch.no_grad(), autocast(device):
             feats = embed(crops)
         sims = torch.einsum("bhwd,pd->bphw", F.normalize(feats.float(), dim=-1), text)
-        up = F.interpolate(sims, size=(ph, pw), mode="bilinear", align_corners=False)
-        for (y0, x0, y1, x1), s in zip(chunk, up):
-            acc[:, y0:y1, x0:x1] += s[:, top:top + wh, left:left + ww]
+        for (y0, x0, y1, x1), s in zip(chunk, sims):
+            # one window at a time: (P, 448, 448) float32 is 120 MB at P = 150, a batch of them would not fit 2 GB
+            up = F.interpolate(s[None], size=(ph, pw), mode="bilinear", align_corners=False)[0]
+            acc[:, y0:y1, x0:x1] += up[:, top:top + wh, left:left + ww]
             count[:, y0:y1, x0:x1] += 1
     return acc / count
 
