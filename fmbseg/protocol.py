@@ -66,12 +66,12 @@ def resize_uint8(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"cannot resize to {out_hw}")
     if (oh, ow) == (h, w):
         return image.copy()
-    src = image.astype(np.int32)
     x0, x1, a0, a1 = _linear_taps(w, ow, clamp_coordinate=True)
     y0, y1, b0, b1 = _linear_taps(h, oh, clamp_coordinate=False)
     extra = (1,) * (image.ndim - 2)
     a0, a1 = a0.reshape((1, ow) + extra), a1.reshape((1, ow) + extra)
-    rows = src[:, x0] * a0 + src[:, x1] * a1             # horizontal pass, exact integers (scale 2^11)
+    # Horizontal pass, exact integers (scale 2^11); columns are picked before widening, so memory is (H, w', C).
+    rows = image[:, x0].astype(np.int32) * a0 + image[:, x1].astype(np.int32) * a1
     b0, b1 = b0.reshape((oh, 1) + extra), b1.reshape((oh, 1) + extra)
     # Vertical pass as OpenCV's SIMD kernel: 16-bit high products of (row >> 4) and the 11-bit weights, then +2 >> 2.
     out = (((rows[y0] >> 4) * b0) >> 16) + (((rows[y1] >> 4) * b1) >> 16)
