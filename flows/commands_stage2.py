@@ -30,7 +30,7 @@ def register(subparsers) -> None:
 
     e = subparsers.add_parser(
         "eval", help="evaluate segmenters on a benchmark (TCL protocol); results accumulate in --out",
-        description="Segmenters: maskclip, stage1.1, stage1.2, stage1, fmbseg. Datasets: voc21, voc20, context59, "
+        description="Segmenters: maskclip, stage1.1, stage1.2, stage1, fmbseg. Datasets: voc21, voc20, context60, context59, "
         "coco_object, coco_stuff171, cityscapes, ade150 (mmsegmentation layouts) and custom (DIR/images, "
         "DIR/annotations/<stem>.png, DIR/classes.txt). Writes results.json, results.md and iou_<dataset>.png.")
     e.add_argument("--dataset", required=True, metavar="NAME", help="benchmark name or custom")

@@ -23,11 +23,17 @@ from fmbseg.vocab import parse_vocab_lines
 from fmbseg.vocab_builtin import BUILTIN_VOCABULARIES
 
 IGNORE_INDEX = 255
-DATASET_NAMES = ("voc21", "voc20", "context59", "coco_object", "coco_stuff171", "cityscapes", "ade150", "custom")
+DATASET_NAMES = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff171", "cityscapes", "ade150",
+                 "custom")
 
 
 class DatasetError(ValueError):
     """A benchmark folder that cannot be evaluated (missing folders or annotations, wrong class count)."""
+
+
+class SampleError(DatasetError):
+    """One image of a checked benchmark cannot be scored (unreadable, or its annotation's size differs from the
+    upright image's); an evaluation skips it and reports it."""
 
 
 def _identity(gt: np.ndarray) -> np.ndarray:
@@ -41,9 +47,10 @@ def _reduce_zero_label(gt: np.ndarray) -> np.ndarray:
 
 
 def _coco_object(gt: np.ndarray) -> np.ndarray:
-    """COCO-Stuff train ids: things 0..79 -> 1..80, stuff 80..170 -> 0 (background), 255 ignore."""
+    """COCO-Stuff train ids (`_labelTrainIds.png`) -> COCO-Object as TCL's `convert_coco_object.py` writes it:
+    things 0..79 -> 1..80; stuff 80..170 *and unlabelled 255* -> 0 (background). COCO-Object has no ignore."""
     g = gt.astype(np.int64)
-    return np.where(g == IGNORE_INDEX, IGNORE_INDEX, np.where(g < 80, g + 1, 0))
+    return np.where(g < 80, g + 1, 0)
 
 
 @dataclass(frozen=True)
@@ -59,19 +66,28 @@ class _Layout:
     convert: Callable[[np.ndarray], np.ndarray]
     background_rule: bool = False
     recursive: bool = False
+    # Other annotation files accepted when no `ann_suffix` file exists at all: (suffix, convert) in order of
+    # preference (COCO-Object: TCL's own converted `_instanceTrainIds.png`, already 0..80).
+    alt_annotations: tuple[tuple[str, Callable[[np.ndarray], np.ndarray]], ...] = ()
 
 
 _VOC = ("VOCdevkit/VOC2012", "VOC2012")
 _COCO = ("coco_stuff164k", "coco_stuff")
+_CONTEXT = ("VOCdevkit/VOC2010", "VOC2010")
 LAYOUTS: dict[str, _Layout] = {
     "voc21": _Layout(_VOC, "JPEGImages", "SegmentationClass", ".jpg", ".png",
                      "ImageSets/Segmentation/val.txt", _identity, background_rule=True),
     "voc20": _Layout(_VOC, "JPEGImages", "SegmentationClass", ".jpg", ".png",
                      "ImageSets/Segmentation/val.txt", _reduce_zero_label),
-    "context59": _Layout(("VOCdevkit/VOC2010", "VOC2010"), "JPEGImages", "SegmentationClassContext", ".jpg", ".png",
+    # mmseg's PascalContextDataset (TCL's "context"): 0 = background is a class; no background rule (its 91 stuff
+    # prompts would take the sky, wall, grass... pixels that context60 scores as their own classes).
+    "context60": _Layout(_CONTEXT, "JPEGImages", "SegmentationClassContext", ".jpg", ".png",
+                         "ImageSets/SegmentationContext/val.txt", _identity),
+    "context59": _Layout(_CONTEXT, "JPEGImages", "SegmentationClassContext", ".jpg", ".png",
                          "ImageSets/SegmentationContext/val.txt", _reduce_zero_label),
     "coco_object": _Layout(_COCO, "images/val2017", "annotations/val2017", ".jpg", "_labelTrainIds.png",
-                           None, _coco_object, background_rule=True),
+                           None, _coco_object, background_rule=True,
+                           alt_annotations=(("_instanceTrainIds.png", _identity),)),
     "coco_stuff171": _Layout(_COCO, "images/val2017", "annotations/val2017", ".jpg", "_labelTrainIds.png",
                              None, _identity),
     "cityscapes": _Layout(("cityscapes",), "leftImg8bit/val", "gtFine/val", "_leftImg8bit.png",
@@ -115,11 +131,11 @@ class SegDataset:
         try:
             image = load_image(img_path)
         except ValueError as e:   # ImageDecodeError: a benchmark image that cannot be scored
-            raise DatasetError(f"{self.name}: cannot read {img_path}: {e}") from e
+            raise SampleError(f"cannot read the image {img_path}: {e}") from e
         gt = self.load_gt(index)
         if image.shape[:2] != gt.shape:
-            raise DatasetError(f"{img_path}: image is {image.shape[1]}x{image.shape[0]} but its annotation is "
-                               f"{gt.shape[1]}x{gt.shape[0]}")
+            raise SampleError(f"the image is {image.shape[1]}x{image.shape[0]} (upright, after EXIF orientation) but "
+                              f"its annotation is {gt.shape[1]}x{gt.shape[0]}")
         return image_id, image, gt
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
@@ -187,16 +203,21 @@ def _open_builtin(name: str, data_root: str) -> SegDataset:
         pairs = [(os.path.relpath(p, img_dir)[: -len(layout.img_suffix)], p) for p in paths]
     if not pairs:
         raise DatasetError(f"{name}: no *{layout.img_suffix} images in {img_dir}")
+    ann_suffix, convert = layout.ann_suffix, layout.convert
+    for alt_suffix, alt_convert in layout.alt_annotations:
+        if not any(os.path.isfile(os.path.join(ann_dir, s + ann_suffix)) for s, _ in pairs) and \
+                any(os.path.isfile(os.path.join(ann_dir, s + alt_suffix)) for s, _ in pairs):
+            ann_suffix, convert = alt_suffix, alt_convert
     samples, missing = [], []
     for stem, img in pairs:
-        ann = os.path.join(ann_dir, stem + layout.ann_suffix)
+        ann = os.path.join(ann_dir, stem + ann_suffix)
         if os.path.isfile(ann):
             samples.append((stem, img, ann))
         else:
             missing.append(ann)
     if missing:
         raise _missing(name, missing, len(pairs))
-    return SegDataset(name, root, tuple(BUILTIN_VOCABULARIES[name]), sorted(samples), layout.convert,
+    return SegDataset(name, root, tuple(BUILTIN_VOCABULARIES[name]), sorted(samples), convert,
                       layout.background_rule)
 
 

@@ -7,9 +7,11 @@ int64` class indices into `class_names` (a name may be a list of synonyms whose 
   increasing score order (`stage1` paints all 1.1 and *all* 1.2 masks); pixels no mask covers take the
   `maskclip` prediction of the same image.
 
-`maskclip` and `fmbseg` run TCL's protocol (`SlidingWindow`): resize so the short side is 448 with the long side
-at most 2048 (aspect kept), 448² windows at stride 224 (last row/column flush with the border), logits averaged
-over overlaps, the arg-max map resized (nearest) to the input's resolution.
+`maskclip` and `fmbseg` run TCL's protocol (`fmbseg.protocol`, mmseg 0.27 / mmcv 1.6): resize the uint8 image as
+mmcv does (cv2 INTER_LINEAR, no antialiasing) so the short side is 448 with the long side at most 2048 (aspect
+kept), 448² windows at stride 224 (last row/column flush with the border; a window not a multiple of the patch is
+zero-padded after normalisation, centred, as TCL pads it), logits averaged over overlaps, then the logits resized
+bilinearly to the input's resolution and the arg-max taken there.
 
 Background rule (voc21, coco_object): with `background_names` set, those names (the 91 COCO-Stuff stuff classes)
 are added as extra prompts and every one of them predicts the class named "background".
@@ -17,7 +19,6 @@ are added as extra prompts and every one of them predicts the class named "backg
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -25,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmbseg.alignment import AlignmentConfig, AlignmentModule, load_alignment, nearest_resize, resize_image
+from fmbseg.alignment import AlignmentConfig, AlignmentModule, load_alignment
 from fmbseg.device import autocast
-from fmbseg.models.base import ClipModel, DinoModel
+from fmbseg.models.base import ClipModel, DinoModel, to_tensor
+from fmbseg.protocol import SlidingWindow, patch_padding, resize_uint8, upsampled_argmax
 
 ClassNames = Sequence["str | Sequence[str]"]
 SEGMENTER_NAMES = ("maskclip", "stage1.1", "stage1.2", "stage1", "fmbseg")
@@ -77,58 +79,44 @@ class TextCache:
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, prompts: Prompts) -> torch.Tensor:
-        """-> (P, D) float32 L2-normalised on the CLIP model's device."""
+        """-> (P, D) float32 L2-normalised on the CLIP model's device, computed in float32 even when the caller
+        runs under bf16 autocast (once per vocabulary, so full precision costs nothing; bf16 text embeddings
+        move cosine logits by ~1e-2, enough to flip near-tied pixels)."""
         if prompts.key not in self._cache:
             names = [p if isinstance(p, str) else list(p) for p in prompts.prompts]
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(self.clip.device.type, enabled=False):
                 t = self.clip.encode_text(names)
             self._cache[prompts.key] = F.normalize(t.float(), dim=-1)
         return self._cache[prompts.key]
 
 
-@dataclass(frozen=True)
-class SlidingWindow:
-    """TCL's evaluation protocol (DESIGN §2)."""
-
-    short_side: int = 448
-    max_long_side: int = 2048
-    window: int = 448
-    stride: int = 224
-    batch_size: int = 8
-
-    def resized_hw(self, height: int, width: int) -> tuple[int, int]:
-        """mmsegmentation's keep-ratio resize to scale (long ≤ max_long_side, short = short_side), rounded half up
-        as mmcv's `rescale_size` does (`int(x + 0.5)`, not Python's round-half-to-even)."""
-        scale = min(self.max_long_side / max(height, width), self.short_side / min(height, width))
-        return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
-
-    def windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
-        """(y0, x0, y1, x1) windows over an image of that size, as mmsegmentation's slide inference."""
-        wh, ww = min(self.window, height), min(self.window, width)
-        rows = max(height - self.window + self.stride - 1, 0) // self.stride + 1
-        cols = max(width - self.window + self.stride - 1, 0) // self.stride + 1
-        out = []
-        for r in range(rows):
-            for c in range(cols):
-                y1, x1 = min(r * self.stride + wh, height), min(c * self.stride + ww, width)
-                out.append((y1 - wh, x1 - ww, y1, x1))
-        return out
-
-
 def sliding_logits(image: np.ndarray, embed: Callable[[torch.Tensor], torch.Tensor], text: torch.Tensor,
-                   patch: int, window: SlidingWindow, device: torch.device) -> torch.Tensor:
-    """Cosine similarities averaged over the sliding windows.
+                   patch: int, window: SlidingWindow, device: torch.device,
+                   pixel_mean: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tensor:
+    """Cosine similarities averaged over the sliding windows (mmseg `slide_inference` over TCL's per-window step).
 
-    image (H, W, 3) uint8; embed: (B, 3, h, w) in [0, 1] (h, w multiples of `patch`) -> (B, h/p, w/p, D)
-    normalised; text (P, D) normalised -> (P, H', W') float32 logits at the protocol's resized size.
-    Windows whose size is not a multiple of `patch` (images smaller than a window) are padded by edge
-    replication and their logits cropped back."""
+    image (H, W, 3) uint8, resized like mmcv (`resize_uint8`) to `window.resized_hw`; embed: (B, 3, h, w) in
+    [0, 1] (h, w multiples of `patch`) -> (B, h/p, w/p, D); text (P, D) normalised -> (P, H', W') float32
+    logits at the resized size. A window whose side is not a multiple of `patch` (only when the resized image is
+    smaller than a window) is padded as TCL pads it: centred (`patch_padding`), with `pixel_mean` (the model's
+    normalisation mean in [0, 1], so the padding is 0 after normalisation); its logits are upsampled bilinearly
+    to the padded size and the padding cut off."""
     h, w = image.shape[:2]
     rh, rw = window.resized_hw(h, w)
-    x = resize_image(image, (rh, rw)).to(device)
+    x = to_tensor(resize_uint8(image, (rh, rw))).to(device)
+    return window_logits(x, embed, text, patch, window, device, pixel_mean)
+
+
+def window_logits(x: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor], text: torch.Tensor, patch: int,
+                  window: SlidingWindow, device: torch.device,
+                  pixel_mean: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tensor:
+    """The sliding-window part of `sliding_logits` on an already resized (3, H', W') [0, 1] image."""
+    rh, rw = x.shape[1:]
     boxes = window.windows(rh, rw)
     wh, ww = boxes[0][2] - boxes[0][0], boxes[0][3] - boxes[0][1]
-    ph, pw = math.ceil(wh / patch) * patch, math.ceil(ww / patch) * patch
+    left, right, top, bottom = patch_padding(wh, ww, patch)
+    ph, pw = wh + top + bottom, ww + left + right
+    fill = torch.as_tensor(pixel_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     acc = torch.zeros((text.shape[0], rh, rw), dtype=torch.float32, device=device)
     count = torch.zeros((1, rh, rw), dtype=torch.float32, device=device)
     text = text.to(device)
@@ -136,13 +124,16 @@ def sliding_logits(image: np.ndarray, embed: Callable[[torch.Tensor], torch.Tens
         chunk = boxes[b0:b0 + window.batch_size]
         crops = torch.stack([x[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
         if (ph, pw) != (wh, ww):
-            crops = F.pad(crops, (0, pw - ww, 0, ph - wh), mode="replicate")
+            padded = fill.expand(len(chunk), 3, ph, pw).clone()
+            padded[:, :, top:top + wh, left:left + ww] = crops
+            crops = padded
         with torch.no_grad(), autocast(device):
             feats = embed(crops)
         sims = torch.einsum("bhwd,pd->bphw", F.normalize(feats.float(), dim=-1), text)
         for (y0, x0, y1, x1), s in zip(chunk, sims):
+            # one window at a time: (P, 448, 448) float32 is 120 MB at P = 150, a batch of them would not fit 2 GB
             up = F.interpolate(s[None], size=(ph, pw), mode="bilinear", align_corners=False)[0]
-            acc[:, y0:y1, x0:x1] += up[:, :wh, :ww]
+            acc[:, y0:y1, x0:x1] += up[:, top:top + wh, left:left + ww]
             count[:, y0:y1, x0:x1] += 1
     return acc / count
 
@@ -153,24 +144,35 @@ class DenseSegmenter:
     name = "dense"
 
     def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], text: TextCache, patch: int,
-                 device: torch.device, background_names: Sequence[str] = (), window: SlidingWindow = SlidingWindow()):
+                 device: torch.device, background_names: Sequence[str] = (), window: SlidingWindow = SlidingWindow(),
+                 pixel_mean: Sequence[float] = (0.0, 0.0, 0.0)):
         self.embed = embed      # (B, 3, h, w) in [0, 1] -> (B, h/p, w/p, D)
         self.text = text
         self.patch = patch
         self.device = device
         self.background_names = tuple(background_names)
         self.window = window
+        self.pixel_mean = tuple(float(v) for v in pixel_mean)
 
     def logits(self, image: np.ndarray, class_names: ClassNames) -> tuple[torch.Tensor, Prompts]:
         """-> ((P, H', W') logits at the protocol's resized size, the prompts they score)."""
         prompts = build_prompts(class_names, self.background_names)
-        return sliding_logits(image, self.embed, self.text(prompts), self.patch, self.window, self.device), prompts
+        return sliding_logits(image, self.embed, self.text(prompts), self.patch, self.window, self.device,
+                              self.pixel_mean), prompts
 
     def predict(self, image: np.ndarray, class_names: ClassNames) -> np.ndarray:
+        """The logits resized bilinearly to the image's own size, arg-max there (mmseg/TCL), prompts -> classes."""
         _check_image(image)
         logits, prompts = self.logits(image, class_names)
-        best = logits.argmax(0).cpu().numpy()
-        return nearest_resize(prompts.to_class[best], image.shape[:2])
+        best = upsampled_argmax(logits, image.shape[:2]).cpu().numpy()
+        return prompts.to_class[best]
+
+
+def model_pixel_mean(model) -> tuple[float, float, float]:
+    """The per-channel mean (in [0, 1]) a model adapter subtracts before its encoder (`pixel_mean`), i.e. the input
+    that is 0 after normalisation; (0, 0, 0) for a model that does not normalise (the oracle stand-ins)."""
+    mean = getattr(model, "pixel_mean", None)
+    return (0.0, 0.0, 0.0) if mean is None else tuple(float(v) for v in mean)
 
 
 class MaskClipSegmenter(DenseSegmenter):
@@ -181,7 +183,7 @@ class MaskClipSegmenter(DenseSegmenter):
     def __init__(self, clip: ClipModel, background_names: Sequence[str] = (), window: SlidingWindow = SlidingWindow(),
                  text: TextCache | None = None):
         super().__init__(clip.encode_dense, text or TextCache(clip), clip.patch_size, clip.device,
-                         background_names, window)
+                         background_names, window, model_pixel_mean(clip))
         self.clip = clip
 
 
@@ -194,7 +196,7 @@ class FmbsegSegmenter(DenseSegmenter):
                  background_names: Sequence[str] = (), window: SlidingWindow = SlidingWindow(),
                  text: TextCache | None = None):
         super().__init__(self._embed, text or TextCache(clip), dino.patch_size, dino.device, background_names,
-                         window)
+                         window, model_pixel_mean(dino))
         self.dino = dino
         self.alignment = alignment.to(dino.device).eval()
 

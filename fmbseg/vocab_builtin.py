@@ -72,6 +72,7 @@ COCO_STUFF_91 = COCO_STUFF171[80:]
 BUILTIN_VOCABULARIES: dict[str, list[str]] = {
     "voc20": list(VOC20),
     "voc21": ["background", *VOC20],
+    "context60": ["background", *PASCAL_CONTEXT59],
     "context59": list(PASCAL_CONTEXT59),
     "coco_object": ["background", *COCO_OBJECT80],
     "coco_stuff171": list(COCO_STUFF171),

@@ -6,9 +6,11 @@ once per image and serves `stage1.1`, `stage1.2` and `stage1`; their uncovered p
 prediction of the same image), and accumulates one confusion matrix per segmenter.
 
 Outputs in `out` (merged with what earlier calls wrote there, so one directory accumulates a models x datasets
-table): `results.json` (per dataset, per model: mIoU, mAcc, aAcc, per-class IoU and Acc with null for nan, image
-count, the evaluation config and its hash), `results.md` (the mIoU table, then per-class IoU tables) and
-`iou_<dataset>.png` (per-class IoU bars, one colour per model). A `custom` dataset's column is
+table): `results.json` (per dataset, per model: mIoU, mAcc, aAcc, per-class IoU and Acc with null for nan, the
+number of images scored, `skipped_images` (name and reason of each image that could not be scored: unreadable, or
+its annotation's size differs from the upright image's; skipped with a warning, the run goes on; also listed per
+dataset at the top level), the evaluation config and its hash), `results.md` (the mIoU table, then per-class IoU
+tables) and `iou_<dataset>.png` (per-class IoU bars, one colour per model). A `custom` dataset's column is
 `custom:<folder name>`, so several custom datasets can share one `out`.
 """
 
@@ -20,6 +22,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -27,7 +30,7 @@ from tqdm import tqdm
 
 import fmbseg
 from fmbseg.checkpoint import load_checkpoint
-from fmbseg.datasets import open_dataset
+from fmbseg.datasets import SampleError, open_dataset
 from fmbseg.metrics import ConfusionMatrix
 from fmbseg.segmenters import (SEGMENTER_NAMES, STAGE1_SEGMENTERS, MaskClipSegmenter, SlidingWindow, Stage1Segmenters,
                                TextCache, load_fmbseg)
@@ -35,7 +38,9 @@ from fmbseg.vocab_builtin import COCO_STUFF_91
 from storage.fs import canonical_json, write_file
 
 PROTOCOL = {"short_side": 448, "max_long_side": 2048, "window": 448, "stride": 224, "template": "a photo of a {}.",
-            "ignore_index": 255}
+            "ignore_index": 255, "image_resize": "mmcv imresize bilinear (cv2 INTER_LINEAR, uint8)",
+            "window_padding": "TCL: zero after normalisation, centred, to a patch multiple",
+            "prediction": "logits resized bilinearly (align_corners=False) to the ground truth, arg-max there"}
 
 
 def resolve_models(models: Sequence[str] | str, checkpoint: str | None) -> list[str]:
@@ -104,8 +109,15 @@ def evaluate(dataset: str, data_root: str, models: Sequence[str] | str, out: str
     seconds = {m: 0.0 for m in names}
     bar = tqdm(range(n_images), desc=f"eval {dataset}", unit="img", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
+    skipped: list[dict] = []
     for i in bar:
-        image_id, image, gt = ds.load(i)
+        try:
+            image_id, image, gt = ds.load(i)
+        except SampleError as e:
+            # One bad image must not abort a 5000-image benchmark: skip it, say so, list it in results.json.
+            skipped.append({"image": ds.samples[i][0], "reason": str(e)})
+            warnings.warn(f"eval {dataset}: skipped {ds.samples[i][0]}: {e}", stacklevel=2)
+            continue
         fallback, t_mask = None, 0.0
         if maskclip is not None:
             t0 = time.perf_counter()
@@ -135,6 +147,7 @@ def evaluate(dataset: str, data_root: str, models: Sequence[str] | str, out: str
               "version": fmbseg.__version__}
     if clip is not None:
         config["dense_mode"] = dense_mode
+    scored = n_images - len(skipped)
     results = {}
     for m in names:
         r = matrices[m].compute()
@@ -143,14 +156,19 @@ def evaluate(dataset: str, data_root: str, models: Sequence[str] | str, out: str
             "mIoU": _num(r["mIoU"]), "mAcc": _num(r["mAcc"]), "aAcc": _num(r["aAcc"]),
             "IoU": {c: _num(v) for c, v in zip(ds.class_names, r["IoU"])},
             "Acc": {c: _num(v) for c, v in zip(ds.class_names, r["Acc"])},
-            "images": n_images, "seconds_per_image": seconds[m] / max(n_images, 1),
+            "images": scored, "seconds_per_image": seconds[m] / max(scored, 1),
+            "skipped_images": skipped,
             "config": model_cfg,
             "config_hash": hashlib.sha256(canonical_json(model_cfg)).hexdigest()[:16],
         }
     key = report_key(dataset, data_root)
     merged = _merge_results(out, key, results)
+    merged.setdefault("skipped_images", {})[key] = skipped
     write_reports(out, merged)
     print(format_results(key, results))
+    if skipped:
+        print(f"eval {key}: {len(skipped)} of {n_images} images skipped (listed in results.json, skipped_images)",
+              file=sys.stderr)
     return results
 
 

@@ -229,6 +229,7 @@ class OpenClipModel:
         self.tokenizer = SimpleTokenizer(context_length=model.context_length)
         self.text_batch_size = text_batch_size
         self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.pixel_mean = tuple(float(v) for v in mean)     # the [0, 1] input that is 0 after normalisation
         self._std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self._text_cache: dict[tuple, torch.Tensor] = {}
 
@@ -238,7 +239,8 @@ class OpenClipModel:
         out = []
         for i in range(0, len(prompts), self.text_batch_size):
             tokens = self.tokenizer(prompts[i : i + self.text_batch_size]).to(self.device)
-            with autocast(self.device):
+            # float32 even on CUDA: computed once per vocabulary, and bf16 would move every cosine logit by ~1e-2.
+            with torch.autocast(self.device.type, enabled=False):
                 out.append(self.model.encode_text(tokens).float())
         return F.normalize(torch.cat(out), dim=-1)
 

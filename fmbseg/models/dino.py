@@ -106,6 +106,7 @@ class HfDinoModel:
         self.embed_dim = int(config.hidden_size)
         self.num_prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.pixel_mean = tuple(float(v) for v in IMAGENET_MEAN)     # the [0, 1] input that is 0 after normalisation
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     @torch.no_grad()

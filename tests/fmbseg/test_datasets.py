@@ -60,6 +60,17 @@ def test_context59_reduce_zero_label(tmp_path):
     assert ds.load_gt(1)[0, :8].tolist() == [255, 0, 58, 255, 2, 2, 2, 2]
 
 
+def test_context60_keeps_background_as_class_zero(tmp_path):
+    """mmseg's PascalContextDataset (TCL's "context"): same files as context59, no reduce_zero_label."""
+    _voc(tmp_path, "VOC2010", "SegmentationClassContext", "SegmentationContext",
+         gt=np.array([[0, 1, 59, 255, 3, 3, 3, 3]] * 6))
+    ds = open_dataset("context60", str(tmp_path))
+    assert ds.num_classes == 60 and ds.class_names[:2] == ("background", "aeroplane")
+    assert ds.class_names[1:] == open_dataset("context59", str(tmp_path)).class_names
+    assert not ds.background_rule          # "background" is scored as its own prompt, no stuff-name rule
+    assert ds.load_gt(1)[0, :8].tolist() == [0, 1, 59, 255, 3, 3, 3, 3]
+
+
 def _coco(root):
     base = root / "coco_stuff164k"
     _img(base / "images" / "val2017" / "000000000139.jpg")
@@ -74,7 +85,20 @@ def test_coco_stuff_and_coco_object(tmp_path):
     assert stuff.num_classes == 171 and stuff.load_gt(0)[0, :8].tolist() == [0, 79, 80, 170, 255, 5, 5, 5]
     obj = open_dataset("coco_object", str(tmp_path / "coco_stuff164k"))
     assert obj.num_classes == 81 and obj.background_rule and obj.class_names[:2] == ("background", "person")
-    assert obj.load_gt(0)[0, :8].tolist() == [1, 80, 0, 0, 255, 6, 6, 6]
+    # TCL's convert_coco_object.py: unlabelled (255) is background too, COCO-Object has no ignored pixels
+    assert obj.load_gt(0)[0, :8].tolist() == [1, 80, 0, 0, 0, 6, 6, 6]
+
+
+def test_coco_object_reads_tcl_converted_files(tmp_path):
+    """A tree converted by TCL's script holds `_instanceTrainIds.png` (already 0..80): read as is."""
+    base = tmp_path / "coco_stuff164k"
+    _img(base / "images" / "val2017" / "000000000139.jpg")
+    _ann(base / "annotations" / "val2017" / "000000000139_instanceTrainIds.png",
+         np.array([[0, 1, 80, 0, 7, 7, 7, 7]] * 6))
+    obj = open_dataset("coco_object", str(tmp_path))
+    assert obj.load_gt(0)[0, :8].tolist() == [0, 1, 80, 0, 7, 7, 7, 7]
+    with pytest.raises(DatasetError, match="no annotation"):
+        open_dataset("coco_stuff171", str(tmp_path))     # COCO-Stuff itself needs the labelTrainIds files
 
 
 def test_cityscapes_recursive_and_ade150(tmp_path):

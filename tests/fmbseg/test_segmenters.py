@@ -171,3 +171,24 @@ def test_fmbseg_segmenter_and_encoder_check():
     ckpt["encoders"]["dino"]["weights_sha256"] = "other"
     with pytest.raises(ValueError, match="trained with dino linear-dino"):
         load_fmbseg(ckpt, dino, clip)
+
+
+def test_text_embeddings_are_float32_under_bf16_autocast():
+    """On CUDA every model call runs under bf16 autocast; the text embeddings (once per vocabulary) must not: they
+    equal open_clip's float32 `encode_text` computed directly, not its bf16 version."""
+    from fmbseg.presets import make_clip
+    from fmbseg.segmenters import TextCache
+
+    torch.set_num_threads(1)
+    clip = make_clip("tiny", device="cpu")
+    names = ["cat", "dog", "traffic light"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):          # what the CUDA path is inside
+        got = TextCache(clip)(build_prompts(names))
+    tokens = clip.tokenizer([f"a photo of a {n}." for n in names])
+    with torch.no_grad():
+        expected = F.normalize(clip.model.encode_text(tokens).float(), dim=-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            in_bf16 = F.normalize(clip.model.encode_text(tokens).float(), dim=-1)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (in_bf16 - expected).abs().max() > 1e-3              # the check would see bf16 text embeddings

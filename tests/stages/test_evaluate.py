@@ -112,3 +112,31 @@ def test_nan_handling_in_reports(tmp_path):
                                                           "IoU": {"a": None, "b": 50.0}}}}})
     assert "| a | – |" in md and "| b | 50.00 |" in md
     assert not math.isnan(np.nanmean([1.0]))
+
+
+def test_images_whose_annotation_does_not_fit_are_skipped_and_listed(tmp_path):
+    """An annotation of the wrong size, a JPEG whose EXIF orientation turns it upright into another shape and an
+    unreadable image: each skipped with a warning and listed in results.json; the other images are scored."""
+    w = tmp_path / "w"
+    write_world(w, 5, seed=5, sizes=((120, 160),), formats=("png",))
+    (w / "images" / "world_0004.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.fromarray(np.zeros((100, 160), np.uint8)).save(w / "annotations" / "world_0001.png")
+    rgb = np.array(Image.open(w / "images" / "world_0002.png"))
+    (w / "images" / "world_0002.png").unlink()
+    exif = Image.Exif()
+    exif[0x0112] = 6                                   # rotate 90°: upright it is 120 wide and 160 tall
+    Image.fromarray(rgb).save(w / "images" / "world_0002.jpg", exif=exif.tobytes())
+    with pytest.warns(UserWarning) as caught:
+        res = evaluate("custom", str(w), ["maskclip"], str(tmp_path / "o"), preset="oracle", device="cpu",
+                       progress=False)
+    assert [str(c.message).split(":")[1].strip() for c in caught] == ["skipped world_0001", "skipped world_0002",
+                                                                       "skipped world_0004"]
+    skipped = res["maskclip"]["skipped_images"]
+    assert [s["image"] for s in skipped] == ["world_0001", "world_0002", "world_0004"]
+    assert "160x120" in skipped[0]["reason"] and "160x100" in skipped[0]["reason"]
+    assert "120x160 (upright, after EXIF" in skipped[1]["reason"]
+    assert "cannot read the image" in skipped[2]["reason"]
+    assert res["maskclip"]["images"] == 2 and res["maskclip"]["mIoU"] > 50
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert saved["results"]["custom:w"]["maskclip"]["skipped_images"] == skipped
+    assert saved["skipped_images"]["custom:w"] == skipped
