@@ -46,7 +46,7 @@ MAX_IMAGE_BYTES = 512 * 2**20
 MIN_SIDE = 16
 # Pixels converted to RGB at a time: bounds the temporaries of mode conversion (float64 for 16-bit/float
 # images: 8 bytes per pixel per temporary) to a few tens of MB whatever the image size.
-STRIP_PIXELS = 1 << 22
+STRIP_PIXELS = 1 << 18
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 _NOT_REGULAR = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
