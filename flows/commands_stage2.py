@@ -86,6 +86,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from stages.evaluate import evaluate, resolve_models
 
     _check_device(args.device)
+    if args.preset is not None:
+        from fmbseg.presets import get_preset
+
+        try:
+            get_preset(args.preset)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     try:
         models = resolve_models(args.models, args.checkpoint)
     except ValueError as e:

@@ -240,7 +240,9 @@ def _open_custom(data_root: str) -> SegDataset:
 def open_dataset(name: str, data_root: str, check_labels: bool = True) -> SegDataset:
     """Find and check a benchmark split. Raises `DatasetError` (a ValueError) or FileNotFoundError, never later."""
     if name not in DATASET_NAMES:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+        from fmbseg.suggest import did_you_mean
+
+        raise DatasetError(f"unknown dataset {name!r}; {did_you_mean(name, DATASET_NAMES, 'datasets')}")
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"--data-root {data_root} is not a folder")
     ds = _open_custom(data_root) if name == "custom" else _open_builtin(name, data_root)
