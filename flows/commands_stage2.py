@@ -116,6 +116,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--images {args.images} does not exist")
     written = predict_folder(args.checkpoint, args.images, args.vocab, args.out, device=args.device,
                              progress=not args.no_progress)
-    if not written:
-        raise UsageError(f"no image under {args.images} could be read")
+    if not written:  # every image failed (each is listed above): the run did not do its job
+        import sys
+
+        print(f"fmbseg predict: error: no image under {args.images} could be segmented (see {args.out}/index.csv)",
+              file=sys.stderr)
+        return 1
     return 0

@@ -167,3 +167,29 @@ def test_output_stems_are_distinct_and_stay_inside_out():
     assert len({s.casefold() for s in stems}) == len(stems)          # distinct on a case-insensitive disk too
     assert stems[4] == "etc/passwd" and stems[5] == "abs/y"           # never `..` or absolute
     assert len(stems[6].encode()) <= 200 and stems[6].startswith("é" * 90)
+
+
+def test_write_errors_fail_one_image_but_a_full_disk_stops_the_run(tiny, tmp_path, monkeypatch):
+    import errno
+
+    import stages.predict as predict
+
+    base, ckpt = tiny
+    images = tmp_path / "imgs"
+    _copy_images(base, images, 2)
+    out = tmp_path / "out"
+    (out / "world_0000.png").mkdir(parents=True)     # a folder where the first label map goes: that image fails
+    written = predict_folder(ckpt, str(images), "red,green", str(out), device="cpu", progress=False)
+    assert [os.path.basename(p) for p in written] == ["world_0001.png"]
+    with open(out / "index.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["failed", "ok"] and "IsADirectoryError" in rows[0]["error"]
+
+    def full_disk(label, path):                      # a real ENOSPC from the kernel, in the writer's place
+        with open("/dev/full", "wb") as f:
+            f.write(b"\0" * 100_000)
+
+    monkeypatch.setattr(predict, "save_label_png", full_disk)
+    with pytest.raises(OSError) as e:
+        predict_folder(ckpt, str(images), "red,green", str(tmp_path / "out2"), device="cpu", progress=False)
+    assert e.value.errno == errno.ENOSPC
