@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- naming the file an error is about ---------------------------------------------------------------------------
 # Local variable names that hold the file being written or read, by preference, in the frame that raised.
-_PATH_LOCALS = ("target", "path", "filename", "file_path", "label_path", "dst", "dest", "url", "tmp")
+_PATH_LOCALS = ("target", "path", "filename", "file_path", "label_path", "dst", "dest", "url", "tmp", "rel")
 
 
 def _plain(location: str) -> str:
