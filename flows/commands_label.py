@@ -52,7 +52,12 @@ def cmd_label(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     from fmbseg.device import resolve_device
+    from fmbseg.presets import get_preset
 
+    try:
+        get_preset(args.preset)     # an unknown name fails here, with "did you mean", before any planning
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     try:
         resolve_device(args.device)
     except RuntimeError as e:  # --device cuda on a machine without a GPU

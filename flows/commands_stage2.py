@@ -86,6 +86,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from stages.evaluate import evaluate, resolve_models
 
     _check_device(args.device)
+    if args.preset is not None:
+        from fmbseg.presets import get_preset
+
+        try:
+            get_preset(args.preset)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     try:
         models = resolve_models(args.models, args.checkpoint)
     except ValueError as e:
@@ -109,6 +116,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--images {args.images} does not exist")
     written = predict_folder(args.checkpoint, args.images, args.vocab, args.out, device=args.device,
                              progress=not args.no_progress)
-    if not written:
-        raise UsageError(f"no image under {args.images} could be read")
+    if not written:  # every image failed (each is listed above): the run did not do its job
+        import sys
+
+        print(f"fmbseg predict: error: no image under {args.images} could be segmented (see {args.out}/index.csv)",
+              file=sys.stderr)
+        return 1
     return 0

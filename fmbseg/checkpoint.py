@@ -17,6 +17,11 @@ import tempfile
 import fsspec
 import torch
 
+class CheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be read back (truncated, corrupt, or not a PyTorch file). The
+    message names the file and what to do; the command line reports it as a failure (exit 1), not a usage error."""
+
+
 REQUIRED_KEYS = ("model", "config", "vocabulary", "encoders", "temperature", "version", "epoch")
 
 
@@ -51,18 +56,37 @@ def save_checkpoint(path: str, payload: dict) -> None:
         raise
 
 
+def _short_reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(". ")[0][:120]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def load_checkpoint(path: str) -> dict:
-    """Load on CPU with `weights_only=True`; a missing file or a file that is not an fmbseg checkpoint is a clear error."""
+    """Load on CPU with `weights_only=True`. Errors: FileNotFoundError (no file), `CheckpointError` (a truncated
+    or corrupt file: torch raises RuntimeError, OSError `[Errno 22]`, EOFError or UnpicklingError for those),
+    ValueError (a readable file that is not an fmbseg Stage-2 checkpoint)."""
+    if not _is_url(path) and os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path} is a directory; give the model.pt file inside it")
     if not checkpoint_exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         if _is_url(path):
             with fsspec.open(path, "rb") as f:
-                payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+                data = f.read()
         else:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt or foreign file
-        raise ValueError(f"{path} is not a readable checkpoint: {e}") from e
+        what = ("empty (0 bytes)" if not data else
+                f"truncated or corrupt ({len(data)} bytes; {_short_reason(e)})" if data[:4] == b"PK\x03\x04" else
+                f"not a PyTorch checkpoint or corrupt ({len(data)} bytes; {_short_reason(e)})")
+        raise CheckpointError(f"checkpoint {path} is {what}: delete it and run `fmbseg train` again, or give "
+                              "another checkpoint") from None
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED_KEYS):
         raise ValueError(f"{path} is not an fmbseg Stage-2 checkpoint (needs keys {list(REQUIRED_KEYS)})")
     return payload

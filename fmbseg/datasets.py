@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from fmbseg.vocab import parse_vocab_lines
+from fmbseg.vocab import read_vocab_file
 from fmbseg.vocab_builtin import BUILTIN_VOCABULARIES
 
 IGNORE_INDEX = 255
@@ -232,8 +232,7 @@ def _open_custom(data_root: str) -> SegDataset:
                                "DIR/classes.txt)")
     if not os.path.isfile(classes):
         raise DatasetError(f"custom: class list {classes} not found (one class name per line)")
-    with open(classes, encoding="utf-8") as f:
-        vocab = parse_vocab_lines(f)
+    vocab = read_vocab_file(classes)  # UTF-8 (BOM skipped); a bad file's error names it
     exts = {e.lower().lstrip(".") for e in IMAGE_EXTENSIONS}
     images = sorted(p for p in os.listdir(img_dir)
                     if os.path.isfile(os.path.join(img_dir, p)) and p.rsplit(".", 1)[-1].lower() in exts)
@@ -261,7 +260,9 @@ def _open_custom(data_root: str) -> SegDataset:
 def open_dataset(name: str, data_root: str, check_labels: bool = True) -> SegDataset:
     """Find and check a benchmark split. Raises `DatasetError` (a ValueError) or FileNotFoundError, never later."""
     if name not in DATASET_NAMES:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+        from fmbseg.suggest import did_you_mean
+
+        raise DatasetError(f"unknown dataset {name!r}; {did_you_mean(name, DATASET_NAMES, 'datasets')}")
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"--data-root {data_root} is not a folder")
     ds = _open_custom(data_root) if name == "custom" else _open_builtin(name, data_root)

@@ -83,8 +83,11 @@ PRESETS: dict[str, Preset] = {
 
 
 def get_preset(name: str) -> Preset:
+    """The preset called `name`; an unknown name is a ValueError with "did you mean" against the presets."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        from fmbseg.suggest import did_you_mean
+
+        raise ValueError(f"unknown preset {name!r}; {did_you_mean(name, PRESETS, 'presets')}")
     return PRESETS[name]
 
 

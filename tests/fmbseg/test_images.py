@@ -146,3 +146,141 @@ def test_huge_images_limit_is_250_megapixels():
         load_image(png_header_only(16000, 16000))
     with pytest.raises(ImageDecodeError, match="too large"):
         load_image(encode(Image.new("RGB", (100, 100)), "PNG"), max_pixels=5000)
+
+
+# -- hostile files and resource bounds (issue 13 item 9) ---------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_fifo_and_devices_fail_at_once_without_reading(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would block until a writer comes: never
+    (tmp_path / "zero.png").symlink_to("/dev/zero")  # reads without end
+    for name, what in (("pipe.png", "a FIFO"), ("zero.png", "a character device")):
+        with pytest.raises(ImageDecodeError) as e:
+            load_image(tmp_path / name)
+        assert e.value.kind == "not a regular file" and what in str(e.value) and name in str(e.value)
+
+
+@pytest.mark.timeout(30)
+def test_bytes_read_per_file_are_capped(tmp_path, monkeypatch):
+    import os
+
+    from fmbseg.images import MAX_IMAGE_BYTES
+
+    assert MAX_IMAGE_BYTES == 512 * 2**20
+    with open(tmp_path / "sparse.png", "wb") as f:  # 4 GiB on paper, nothing on disk: refused by its size
+        f.truncate(4 * 2**30)
+    with pytest.raises(ImageDecodeError, match=r"too large: 4294967296 bytes, over the 536870912 byte limit"):
+        load_image(tmp_path / "sparse.png")
+    png = encode(Image.fromarray(rgb_pattern(64, 64)), "PNG")
+    (tmp_path / "a.png").write_bytes(png)
+    with pytest.raises(ImageDecodeError, match="too large"):
+        load_image(tmp_path / "a.png", max_bytes=len(png) - 1)
+    with pytest.raises(ImageDecodeError, match="too large"):
+        load_image(png, max_bytes=len(png) - 1)
+    assert load_image(tmp_path / "a.png", max_bytes=len(png)).shape == (64, 64, 3)
+    monkeypatch.setenv("FMBSEG_MAX_IMAGE_BYTES", str(len(png) - 1))   # the operator's knob, read at each call
+    with pytest.raises(ImageDecodeError, match="FMBSEG_MAX_IMAGE_BYTES"):
+        load_image(tmp_path / "a.png")
+    monkeypatch.setenv("FMBSEG_MAX_IMAGE_PIXELS", "4000")
+    monkeypatch.delenv("FMBSEG_MAX_IMAGE_BYTES")
+    with pytest.raises(ImageDecodeError, match="over the 0.004 MP limit"):
+        load_image(tmp_path / "a.png")
+    os.unlink(tmp_path / "sparse.png")
+
+
+def test_error_messages_never_quote_file_content(tmp_path):
+    (tmp_path / "secret.png").write_bytes(b"AWS_SECRET=hunter2hunter2\n")
+    with pytest.raises(ImageDecodeError) as e:
+        load_image(tmp_path / "secret.png")
+    assert e.value.kind == "not an image" and "hunter2" not in str(e.value) and "AWS" not in str(e.value)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillows_exif_transpose(orientation):
+    from PIL import ImageOps
+
+    stored = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (20, 33, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "PNG", exif=exif.tobytes())
+    with Image.open(io.BytesIO(data)) as im:
+        ref = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    out = load_image(data)
+    assert out.shape == ref.shape and out.flags.writeable and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_strip_wise_conversion_equals_whole_image_conversion(monkeypatch):
+    import fmbseg.images as images
+
+    rng = np.random.default_rng(0)
+    g16 = rng.integers(0, 65536, (50, 37), dtype=np.uint16)
+    i32 = rng.integers(-70000, 90000, (50, 37)).astype(np.int32)     # outside 0..65535: min-max scaled
+    f = rng.normal(size=(50, 37)).astype(np.float32)
+    f[3, 4], f[10, 11] = np.nan, np.inf
+    pal = Image.fromarray(rgb_pattern(50, 37)).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    files = [encode(Image.fromarray(g16), "PNG"), encode(Image.fromarray(i32, "I"), "TIFF"),
+             encode(Image.fromarray(f, "F"), "TIFF"), encode(pal, "PNG", transparency=0)]
+    whole = [load_image(d) for d in files]
+    monkeypatch.setattr(images, "STRIP_PIXELS", 40)                 # one row per strip
+    for d, ref in zip(files, whole):
+        np.testing.assert_array_equal(load_image(d), ref)
+    # Hand-computed references for the scaled modes (global, not per-strip, min and max).
+    np.testing.assert_array_equal(whole[0][..., 0], np.rint(g16 * (255 / 65535)).astype(np.uint8))
+    lo, hi = i32.min(), i32.max()
+    np.testing.assert_array_equal(whole[1][..., 1], np.rint((i32 - lo) * (255 / (hi - lo))).astype(np.uint8))
+    fin = f[np.isfinite(f)]
+    assert whole[2][3, 4, 0] == 0 and whole[2][10, 11, 0] == 0      # non-finite -> the minimum
+    np.testing.assert_array_equal(whole[2][0, :3, 2], np.rint((f[0, :3] - fin.min()) * (255 / (fin.max() - fin.min()))))
+
+
+_RSS_PROBE = r"""
+import io, resource, struct, sys, zlib
+import numpy as np
+from PIL import Image
+from fmbseg.images import load_image
+
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+def bomb(w, h, color_type, depth):
+    row = b"\0" * (1 + w * {0: 1, 2: 3}[color_type] * depth // 8)
+    c = zlib.compressobj(9)
+    idat = b"".join(c.compress(row) for _ in range(h)) + c.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+w = h = int(sys.argv[1])
+data = bomb(w, h, int(sys.argv[2]), int(sys.argv[3]))
+b = io.BytesIO(); Image.new("RGB", (32, 32)).save(b, "PNG"); load_image(b.getvalue())  # warm every code path
+
+def hwm_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+# ru_maxrss of a child starts at its parent's (pytest's, with torch loaded) peak on Linux: reset this process's
+# high-water mark instead ("5" > clear_refs) and read the peak of the decode alone.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = hwm_kb()
+out = load_image(data)
+assert out.shape == (h, w, 3) and not out.any()
+print(len(data), (hwm_kb() - before) * 1024 / (w * h))
+"""
+
+
+@pytest.mark.parametrize("color_type,depth", [(2, 8), (0, 16)], ids=["rgb8", "gray16"])
+def test_decompression_bomb_decodes_in_bounded_memory(color_type, depth):
+    """A tiny PNG declaring many pixels costs at most ~7 bytes per declared pixel (Pillow's raster + the result),
+    whatever its mode (16-bit went through whole-image float64 copies: 25 bytes per pixel)."""
+    import subprocess
+    import sys
+
+    side = 3000  # 9 MP: per-strip temporaries (a few MB) are noise beside the image
+    res = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(side), str(color_type), str(depth)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    size, per_pixel = res.stdout.split()
+    print(f"{color_type=} {depth=}: {int(size)} bytes on disk, peak {float(per_pixel):.2f} bytes per pixel")
+    assert int(size) < 100_000 and float(per_pixel) < 8.5   # was 10.0 (RGB) and 28.0 (16-bit)
