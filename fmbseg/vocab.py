@@ -1,7 +1,7 @@
 """Vocabularies: the class names a campaign labels, with optional synonyms.
 
 A spec (`--vocab`) is, in this order of precedence,
-- a built-in name (`voc20`, `voc21`, `context59`, `coco_object`, `coco_stuff171`, `cityscapes`, `ade150`),
+- a built-in name (`voc20`, `voc21`, `context59`, `context60`, `coco_object`, `coco_stuff171`, `cityscapes`, `ade150`),
 - an existing file (local path or fsspec URL), UTF-8 (a byte-order mark is skipped):
   - a COCO JSON (`{"categories": [{"id", "name"}, ...]}`): its category names in id order,
   - a JSON list of names (what the `vocabulary` schema metadata holds),

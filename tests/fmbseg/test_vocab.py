@@ -7,7 +7,7 @@ from fmbseg.vocab_builtin import BUILTIN_VOCABULARIES, COCO_STUFF171, COCO_STUFF
 def test_sizes_and_order():
     sizes = {k: len(v) for k, v in BUILTIN_VOCABULARIES.items()}
     print("built-in vocabulary sizes:", sizes)
-    assert sizes == {"voc20": 20, "voc21": 21, "context59": 59, "coco_object": 81, "coco_stuff171": 171,
+    assert sizes == {"voc20": 20, "voc21": 21, "context59": 59, "context60": 60, "coco_object": 81, "coco_stuff171": 171,
                      "cityscapes": 19, "ade150": 150}
     for name, names in BUILTIN_VOCABULARIES.items():
         assert len(set(names)) == len(names), name
