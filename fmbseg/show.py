@@ -127,8 +127,9 @@ def masks_panel(image: np.ndarray, masks: list[MaskDrawing], scale: int = 1) -> 
     h, w = big.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w]
     dashes = ((xx + yy) // 4) % 2 == 0
-    # Largest first, so that small masks' outlines stay on top.
-    order = sorted(range(len(masks)), key=lambda i: -int(masks[i].mask.sum()))
+    # Unselected before selected (a selected mask's solid outline stays visible where an unselected one shares its
+    # border), and largest first within each, so that small masks' outlines stay on top.
+    order = sorted(range(len(masks)), key=lambda i: (masks[i].selected, -int(masks[i].mask.sum())))
     for i in order:
         m = masks[i]
         if m.selected and m.mask.any():
@@ -147,7 +148,9 @@ def masks_panel(image: np.ndarray, masks: list[MaskDrawing], scale: int = 1) -> 
     pil = Image.fromarray(_to_array(t))
     draw = ImageDraw.Draw(pil)
     font = _font(11)
-    for m in masks:
+    placed: list[tuple[int, int, int, int]] = []
+    for i in order:
+        m = masks[i]
         if not m.mask.any():
             continue
         x, y = _anchor(m.mask)
@@ -157,6 +160,14 @@ def masks_panel(image: np.ndarray, masks: list[MaskDrawing], scale: int = 1) -> 
         tw, th = r - l, b - tp
         x0 = int(np.clip(x - tw // 2, 0, max(0, w - tw - 2)))
         y0 = int(np.clip(y - th // 2, 0, max(0, h - th - 2)))
+        # Masks sharing a centre (a 1.1 mask and its 1.2 twin) would stack their names: move down, then up.
+        for step in (0, 1, -1, 2, -2, 3):
+            yt = int(np.clip(y0 + step * (th + 4), 0, max(0, h - th - 2)))
+            if not any(x0 < px1 and px0 < x0 + tw + 2 and yt < py1 and py0 < yt + th + 2
+                       for px0, py0, px1, py1 in placed):
+                y0 = yt
+                break
+        placed.append((x0, y0, x0 + tw + 2, y0 + th + 2))
         draw.rectangle([x0, y0, x0 + tw + 2, y0 + th + 2], fill=(255, 255, 255), outline=STAGE_COLOURS[m.stage])
         draw.text((x0 + 1 - l, y0 + 1 - tp), text, fill=(0, 0, 0), font=font)
     return np.asarray(pil)

@@ -369,16 +369,24 @@ class _QuietDatasets:
     """Silence `datasets`' per-save progress bars (one per shard) for the duration of the export."""
 
     def __enter__(self):
-        from datasets.utils import tqdm as hf_tqdm
+        import datasets as hf_tqdm
 
         self.was_disabled = hf_tqdm.are_progress_bars_disabled()
         hf_tqdm.disable_progress_bars()
 
     def __exit__(self, *exc):
-        from datasets.utils import tqdm as hf_tqdm
+        import datasets as hf_tqdm
 
         if not self.was_disabled:
             hf_tqdm.enable_progress_bars()
+
+
+def _hf_dataset(rows: list[dict], class_names: list[str]):
+    from datasets import Dataset
+
+    features = hf_features(class_names)
+    # `from_list([])` would drop the schema (a shard whose images all failed): build empty columns instead.
+    return Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
 
 def _hf_shard(reader, data, out, opts, palette) -> dict:
@@ -388,16 +396,17 @@ def _hf_shard(reader, data, out, opts, palette) -> dict:
     if os.path.isdir(part):  # left by a killed run: its record was never written
         shutil.rmtree(part)
     rows = list(_hf_rows(data, len(reader.vocabulary), palette))
-    ds = Dataset.from_list(rows, features=hf_features(reader.vocabulary))
+    ds = _hf_dataset(rows, reader.vocabulary)
     ds.save_to_disk(part)
     return {"images": len(rows), "masks": sum(len(r["objects"]) for r in rows), "part": os.path.basename(part)}
 
 
 def _hf_finish(reader, out, records, opts) -> list[str]:
-    from datasets import Dataset, concatenate_datasets, load_from_disk
+    from datasets import concatenate_datasets, load_from_disk
 
-    parts = [load_from_disk(_state_path(out, r["part"])) for r in records]
-    ds = concatenate_datasets(parts) if parts else Dataset.from_list([], features=hf_features(reader.vocabulary))
+    # Parts of shards without ok images hold no table; `concatenate_datasets` cannot take them.
+    parts = [load_from_disk(_state_path(out, r["part"])) for r in records if r["images"]]
+    ds = concatenate_datasets(parts) if parts else _hf_dataset([], reader.vocabulary)
     tmp = _state_path(out, "hf-final")
     if os.path.isdir(tmp):
         shutil.rmtree(tmp)
