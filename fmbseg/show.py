@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import draw_segmentation_masks
 
 STAGE_COLOURS = {"1.1": (255, 140, 0), "1.2": (30, 110, 255)}  # orange, blue: told apart also by most colour-blind
 LABEL_ALPHA = 0.55  # left panel: class colour weight over the image
@@ -42,7 +40,7 @@ class MaskDrawing:
 def _palette(n: int) -> np.ndarray:
     # Farthest-point sampling over a 16^3 RGB grid (too dark and too bright corners dropped so that text and the
     # image stay visible): every new colour is the one farthest from all chosen ones, so any n <= 4096 colours are
-    # as far apart as the cube allows (256 colours: >= 40 RGB units from each other).
+    # as far apart as the cube allows (150 colours: >= 41 RGB units from each other, 256: >= 38).
     levels = np.linspace(0, 255, 16).round().astype(np.int64)
     grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
     grid = grid[(grid.sum(1) > 90) & (grid.sum(1) < 700)]
@@ -59,8 +57,8 @@ def _palette(n: int) -> np.ndarray:
 
 
 def class_palette(n: int) -> np.ndarray:
-    """(n, 3) uint8 colours of classes 0..n-1, pairwise distinct and far apart (>= 40 RGB units for n <= 256).
-    The colours of the first k classes do not depend on n."""
+    """(n, 3) uint8 colours of classes 0..n-1, pairwise distinct and far apart (>= 41 RGB units for n <= 150,
+    >= 38 for n <= 256). The colours of the first k classes do not depend on n."""
     if n < 0:
         raise ValueError(f"palette size must be >= 0, got {n}")
     return _palette(max(n, 1))[:n].copy()
@@ -73,11 +71,22 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
+def _draw(image, masks: np.ndarray, alpha: float, colors):
+    """torchvision's `draw_segmentation_masks` on a (3, H, W) uint8 tensor (imported here: torchvision is slow to
+    import, and `class_palette` alone must not pay for it)."""
+    import torch
+    from torchvision.utils import draw_segmentation_masks
+
+    return draw_segmentation_masks(image, torch.from_numpy(np.ascontiguousarray(masks)), alpha=alpha, colors=colors)
+
+
+def _to_tensor(image: np.ndarray):
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
-def _to_array(t: torch.Tensor) -> np.ndarray:
+def _to_array(t) -> np.ndarray:
     return t.permute(1, 2, 0).contiguous().numpy()
 
 
@@ -89,9 +98,8 @@ def label_overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray, alp
     present = [int(c) for c in np.unique(label) if c < len(colours)]
     if not present:
         return image.copy()
-    masks = torch.from_numpy(np.stack([label == c for c in present]))
-    out = draw_segmentation_masks(_to_tensor(image), masks, alpha=alpha,
-                                  colors=[tuple(int(v) for v in colours[c]) for c in present])
+    masks = np.stack([label == c for c in present])
+    out = _draw(_to_tensor(image), masks, alpha, [tuple(int(v) for v in colours[c]) for c in present])
     return _to_array(out)
 
 
@@ -133,8 +141,8 @@ def masks_panel(image: np.ndarray, masks: list[MaskDrawing], scale: int = 1) -> 
     for i in order:
         m = masks[i]
         if m.selected and m.mask.any():
-            mb = torch.from_numpy(np.repeat(np.repeat(m.mask, scale, 0), scale, 1))
-            t = draw_segmentation_masks(t, mb, alpha=FILL_ALPHA, colors=STAGE_COLOURS[m.stage])
+            mb = np.repeat(np.repeat(m.mask, scale, 0), scale, 1)
+            t = _draw(t, mb, FILL_ALPHA, STAGE_COLOURS[m.stage])
     for i in order:
         m = masks[i]
         if not m.mask.any():
@@ -144,7 +152,7 @@ def masks_panel(image: np.ndarray, masks: list[MaskDrawing], scale: int = 1) -> 
         if not m.selected:
             edge &= dashes
         if edge.any():
-            t = draw_segmentation_masks(t, torch.from_numpy(edge), alpha=1.0, colors=STAGE_COLOURS[m.stage])
+            t = _draw(t, edge, 1.0, STAGE_COLOURS[m.stage])
     pil = Image.fromarray(_to_array(t))
     draw = ImageDraw.Draw(pil)
     font = _font(11)

@@ -243,3 +243,11 @@ def test_label_png_more_than_255_classes_is_16_bit_with_65535_ignore(tmp_path):
     p.write_bytes(label_to_png(np.array([[3, IGNORE]], np.uint16), 255))
     with Image.open(p) as im:
         assert im.mode == "L" and np.array(im).tolist() == [[3, 255]]
+
+
+def test_label_maps_carry_class_names_and_ignore_in_their_attributes(campaign):
+    import zarr
+
+    arr = zarr.open_group(str(campaign / "labels.zarr" / "000000"), mode="r")["label"]
+    assert arr.attrs["class_names"] == CampaignReader(str(campaign)).vocabulary
+    assert arr.attrs["ignore_label"] == 65535 == arr.fill_value
