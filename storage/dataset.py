@@ -107,7 +107,8 @@ class CampaignDataset(torch.utils.data.Dataset):
         sid, pos = self._items[index]
         group = self._group(sid)
         if group.image_ids[pos] != self.image_ids[index]:
-            raise ValueError(f"shard {sid}: label group order differs from the images table at {self.image_ids[index]!r}")
+            raise ValueError(f"shard {sid}: label group order differs from the images table at "
+                             f"{self.image_ids[index]!r}")
         raw = group.label(pos)
         label = raw.astype(np.int64)
         label[raw == IGNORE] = self.ignore_index

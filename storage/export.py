@@ -94,13 +94,11 @@ def label_to_png(label: np.ndarray, num_classes: int, palette: np.ndarray | None
     if label.ndim != 2:
         raise ValueError(f"a label map is (H, W), got {label.shape}")
     if num_classes <= 255:
-        out = np.where(label == IGNORE, PNG_IGNORE, label).astype(np.uint8)
-        im = Image.fromarray(out, mode="L")
+        im = Image.fromarray(np.where(label == IGNORE, PNG_IGNORE, label).astype(np.uint8))  # mode L
         if palette is not None:
             full = np.zeros((256, 3), np.uint8)
             full[: len(palette)] = np.asarray(palette, np.uint8)[:256]
-            im = Image.fromarray(out, mode="P")
-            im.putpalette(full.ravel().tolist())
+            im.putpalette(full.ravel().tolist())  # L -> P, indices unchanged
     else:
         im = Image.fromarray(label.astype(np.uint16))
     buf = io.BytesIO()
@@ -185,14 +183,20 @@ def coco_categories(class_names: list[str]) -> list[dict]:
 ANN_IDS_PER_IMAGE = 100_000
 
 
-def plan_positions(reader: CampaignReader) -> dict[str, int]:
-    """image_id -> 1-based position in the campaign's plan (all shard lists in shard order). Shard lists never
-    change once written, so these numbers are stable across exports, reruns and shards committed later."""
-    pos: dict[str, int] = {}
+def plan_offsets(reader: CampaignReader) -> dict[int, int]:
+    """shard id -> number of planned images in the shards before it. An image's 1-based position in the plan is
+    its shard's offset + its index in the shard list + 1; shard lists never change once written, so positions are
+    stable across exports, reruns and shards committed later. Holds one shard list at a time."""
+    offsets, n = {}, 0
     for sid in reader.shards():
-        for entry in reader.shard_images(sid):
-            pos[entry.image_id] = len(pos) + 1
-    return pos
+        offsets[sid] = n
+        n += len(reader.shard_images(sid))
+    return offsets
+
+
+def plan_positions(reader: CampaignReader, shard_id: int, offsets: dict[int, int]) -> dict[str, int]:
+    """image_id -> 1-based plan position, for the images of one shard."""
+    return {e.image_id: offsets[shard_id] + k + 1 for k, e in enumerate(reader.shard_images(shard_id))}
 
 
 def coco_records(data: ShardData, image_ids: dict[str, int] | None, input_root: str | None
@@ -241,7 +245,8 @@ def coco_records(data: ShardData, image_ids: dict[str, int] | None, input_root: 
     return images, anns
 
 
-def _coco_shard(reader, data, out, positions, opts) -> dict:
+def _coco_shard(reader, data, out, offsets, opts) -> dict:
+    positions = None if offsets is None else plan_positions(reader, data.shard_id, offsets)
     images, anns = coco_records(data, positions, _input_root(reader))
     part = _state_path(out, f"coco-{shard_name(data.shard_id)}.json")
     _write_whole(part, json.dumps({"images": images, "annotations": anns}, separators=(",", ":")).encode())
@@ -462,15 +467,15 @@ def export_campaign(campaign: str | CampaignReader, fmt: str, out: str, *, selec
 def _export(reader, fmt, out, opts, palette, on_shard) -> dict:
     selected_only = opts.selected_only
     shards = sorted(reader.done())
-    records, exported, positions = [], 0, False
+    records, exported, offsets = [], 0, False
     for sid in shards:
         rec = _read_record(out, sid)
         if rec is None:
             data = read_shard_data(reader, sid, selected_only)
             if fmt == "coco":
-                if positions is False:
-                    positions = None if _from_coco(reader) else plan_positions(reader)
-                rec = _coco_shard(reader, data, out, positions, opts)
+                if offsets is False:
+                    offsets = None if _from_coco(reader) else plan_offsets(reader)
+                rec = _coco_shard(reader, data, out, offsets, opts)
             elif fmt == "png":
                 rec = _png_shard(reader, data, out, opts, palette)
             else:
