@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.demo import DemoLayout, write_demo_world
 from flows.evaluate_flow import evaluate_flow
+from flows.export_flow import publish_pseudo_label_sample
 from flows.label_flow import label_campaign
 from flows.train_flow import train_alignment_flow
 from stages.label import campaign_status
@@ -128,6 +129,8 @@ def fmbseg_pipeline(
         return result
     if world_size > 1:
         result["campaign_status"] = wait_for_campaign_task(campaign, wait_timeout_s)
+    if "://" not in campaign:  # pictures of a few pseudo-labels as a UI artifact (local campaigns)
+        result["pseudo_labels"] = publish_pseudo_label_sample(campaign)
 
     checkpoint = train_alignment_flow(campaign=campaign, train=train, out=train_out, device=device)
     result["checkpoint"] = checkpoint

@@ -225,6 +225,9 @@ def _open_custom(data_root: str) -> SegDataset:
     from fmbseg.images import IMAGE_EXTENSIONS
 
     img_dir, ann_dir = os.path.join(data_root, "images"), os.path.join(data_root, "annotations")
+    if not os.path.isdir(img_dir) and os.path.isdir(os.path.join(data_root, "img_dir")):
+        # mmseg's layout (what `fmbseg export --format png` writes): img_dir/ and ann_dir/ beside classes.txt
+        img_dir, ann_dir = os.path.join(data_root, "img_dir"), os.path.join(data_root, "ann_dir")
     classes = os.path.join(data_root, "classes.txt")
     for path, what in ((img_dir, "image folder"), (ann_dir, "annotation folder")):
         if not os.path.isdir(path):

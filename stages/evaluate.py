@@ -247,9 +247,10 @@ def iou_chart(path: str, dataset: str, per_model: dict) -> None:
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{dataset}: per-class IoU (legend: mIoU)")
-    ax.legend(fontsize=8)
+    # Outside the axes, right of them: inside, the legend covered the bars of the first classes.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0, frameon=False)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
+    fig.savefig(path + ".tmp.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
 

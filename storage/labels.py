@@ -4,7 +4,9 @@ The group holds
 - `label` (n, Hmax, Wmax) uint16, image i in `label[i, :h_i, :w_i]`, padding and uncovered pixels 65535;
   chunks of (1, ≤1024, ≤1024), zstd; chunks that are all padding are not stored (Zarr's fill value);
 - `hw` (n, 2) int32: each image's (height, width);
-- attribute `image_ids`: the n image ids, in the order of the shard's `ok` rows of the `images` table.
+- attribute `image_ids`: the n image ids, in the order of the shard's `ok` rows of the `images` table;
+- `label` attributes `class_names` (the vocabulary, class-id order) and `ignore_label` (65535), so the array
+  explains itself to any Zarr reader.
 
 One shard = one group = one writer. The group is built in memory and then every file is written whole through
 `CampaignRoot` (temp + rename locally, one PUT on object stores); any previous group of the shard is removed
@@ -59,8 +61,9 @@ def _root_group_files() -> dict[str, bytes]:
     return {k: v.to_bytes() for k, v in store.items()}
 
 
-def build_label_group(labels: PackedLabels, shard_id: int) -> dict[str, bytes]:
-    """The group's files (relative keys such as `zarr.json`, `label/c/0/0/0`) -> bytes."""
+def build_label_group(labels: PackedLabels, shard_id: int, class_names: list[str] | None = None) -> dict[str, bytes]:
+    """The group's files (relative keys such as `zarr.json`, `label/c/0/0/0`) -> bytes. `class_names` (the
+    vocabulary in class-id order) and the ignore value go into the `label` array's attributes."""
     n = len(labels)
     hmax = max((h for h, _ in labels.hw), default=0)
     wmax = max((w for _, w in labels.hw), default=0)
@@ -77,6 +80,7 @@ def build_label_group(labels: PackedLabels, shard_id: int) -> dict[str, bytes]:
         fill_value=IGNORE,
         dimension_names=("image", "y", "x"),
         config={"write_empty_chunks": False},
+        attributes={"ignore_label": IGNORE, **({"class_names": list(class_names)} if class_names is not None else {})},
     )
     for i, (_, label) in enumerate(labels):
         h, w = label.shape
@@ -88,9 +92,10 @@ def build_label_group(labels: PackedLabels, shard_id: int) -> dict[str, bytes]:
     return {k: v.to_bytes() for k, v in store.items()}
 
 
-def write_label_group(root: CampaignRoot, shard_id: int, labels: PackedLabels) -> str:
+def write_label_group(root: CampaignRoot, shard_id: int, labels: PackedLabels,
+                      class_names: list[str] | None = None) -> str:
     """Replace the shard's group with `labels`; returns the sha256 over the group's files (sorted by key)."""
-    files = build_label_group(labels, shard_id)
+    files = build_label_group(labels, shard_id, class_names)
     base = labels_group_path(shard_id)
     root.remove(base, recursive=True)
     if not root.exists(f"{LABELS_ZARR}/zarr.json"):

@@ -15,7 +15,7 @@ from storage.fs import CampaignRoot
 from storage.labels import PackedLabels, write_label_group
 from storage.layout import images_path, labels_group_path, masks_path
 from storage.markers import DoneMarker, write_done
-from storage.tables import table_to_parquet_bytes
+from storage.tables import table_to_parquet_bytes, table_vocabulary
 
 
 def write_shard_outputs(
@@ -27,7 +27,7 @@ def write_shard_outputs(
         data = table_to_parquet_bytes(table)
         root.write_bytes(rel, data)
         outputs[rel] = hashlib.sha256(data).hexdigest()
-    outputs[labels_group_path(shard_id)] = write_label_group(root, shard_id, labels)
+    outputs[labels_group_path(shard_id)] = write_label_group(root, shard_id, labels, table_vocabulary(masks))
     return outputs
 
 
