@@ -87,9 +87,9 @@ def count_parts(preset: str, hw: tuple[int, int], cfg: Stage1Config, n_classes: 
     clip_cls, _ = _count(lambda: clip.model.encode_image(clip._normalise(crop)))
     enc, _ = _count(lambda: sam.sam.image_encoder(torch.empty(1, 3, sam.image_size, sam.image_size, device=META)))
 
-    grid = sam.image_size // 16
+    gh, gw = sam.sam.prompt_encoder.image_embedding_size
     emb = SamEmbedding(original_hw=hw, input_hw=tuple(sam.transform.get_preprocess_shape(*hw, sam.image_size)),
-                       features=torch.empty(1, sam.sam.prompt_encoder.embed_dim, grid, grid, device=META))
+                       features=torch.empty(1, sam.sam.prompt_encoder.embed_dim, gh, gw, device=META))
     H, W = hw
     rng = np.random.default_rng(0)  # coordinates do not change FLOPs; any in-image points do
     auto_pts = rng.uniform(0, 1, (cfg.points_per_batch, 1, 2)) * [W, H]
