@@ -314,6 +314,27 @@ def format_label_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def format_profile(s: dict) -> str:
+    """`fmbseg label --profile`: seconds per image of each part (summed over the pipeline's lanes, so parts that
+    overlap add up to more than the wall time) and the pipeline's idle fractions of its wall time."""
+    n = max(s["images"], 1)
+    lines = [f"profile    {s['images']} images, {s['seconds']:.2f} s wall ({1e3 * s['seconds'] / n:.1f} ms/image)"]
+    names = {"decode": "decode + EXIF", "prepare": "CLIP upscale + SAM resize", "clip": "CLIP crops + detection",
+             "sam_encoder": "SAM encoder", "sam_decoder": "SAM decoder (1.1 points + 1.2 auto)",
+             "labeling": "mask pooling + merge", "storage": "RLE, rows, commit"}
+    for k, v in s["timings"].items():
+        lines.append(f"  {names.get(k, k):38} {1e3 * v / n:9.1f} ms/image")
+    p = s.get("pipeline")
+    if p and p.get("wall"):
+        w = p["wall"]
+        lines.append(f"pipeline   GPU waiting for host {p['model_wait_host'] / w:.0%}, host waiting for GPU "
+                     f"{p['writer_wait_model'] / w:.0%} (writer idle), model lane busy {p['model_busy'] / w:.0%}, "
+                     f"prefetch threads busy {p['prefetch_busy'] / (w * max(p.get('host_workers', 1), 1)):.0%}")
+    else:
+        lines.append("pipeline   off (serial loop)" if s["images"] else "pipeline   no image labelled in this run")
+    return "\n".join(lines)
+
+
 # -- status -----------------------------------------------------------------------------------------------------
 def campaign_status(campaign: str) -> dict:
     """Done/total shards, images ok/failed with the commonest failure kinds, masks per class (from done markers)."""

@@ -67,8 +67,8 @@ def test_pipelined_oracle_campaign_is_byte_equal_to_the_serial_loop(world, tmp_p
 
 def test_pipelined_tiny_campaign_is_byte_equal_to_the_serial_loop(tmp_path, one_torch_thread):
     write_world(tmp_path / "w", 2, seed=4, sizes=((64, 80), (72, 56)), formats=("png", "jpg"))
-    s = _label(tmp_path / "w", tmp_path / "serial", SERIAL, preset="tiny")
-    p = _label(tmp_path / "w", tmp_path / "pipe", ExecutionConfig(), preset="tiny")
+    s = _label(tmp_path / "w", tmp_path / "serial", SERIAL, preset="tiny", stage1={"points_per_side": 4})
+    p = _label(tmp_path / "w", tmp_path / "pipe", ExecutionConfig(), preset="tiny", stage1={"points_per_side": 4})
     assert (s["ok"], s["masks"]) == (p["ok"], p["masks"]) and s["masks"] > 0
     _assert_same_campaign(tmp_path / "serial", tmp_path / "pipe")
 
@@ -162,3 +162,22 @@ def test_sam_embed_many_equals_embed(one_torch_thread):
         assert (got.original_hw, got.input_hw) == (ref.original_hw, ref.input_hw)
         # CPU GEMMs change with the batch's row count: ~2e-6 here, which is why sam_batch is 1 on CPU.
         torch.testing.assert_close(got.features, ref.features, atol=1e-5, rtol=0)
+
+
+def test_cli_label_profile_prints_the_time_split_and_idle_fractions(world, tmp_path, capsys):
+    import re
+
+    from flows.cli import main
+
+    args = ["label", "--images", str(world / "images"), "--vocab", str(world / "classes.txt"), "--preset", "oracle",
+            "--device", "cpu", "--no-progress", "--profile"]
+    assert main([*args, "--campaign", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    for part in ("decode + EXIF", "CLIP upscale + SAM resize", "SAM encoder", "RLE, rows, commit"):
+        assert re.search(rf"{re.escape(part)} +\d+\.\d ms/image", out), part
+    m = re.search(r"GPU waiting for host (\d+)%, host waiting for GPU (\d+)%", out)
+    assert m and all(0 <= int(g) <= 100 for g in m.groups())
+    assert main([*args, "--serial", "--campaign", str(tmp_path / "s")]) == 0
+    assert "pipeline   off (serial loop)" in capsys.readouterr().out
+    _assert_same_campaign(tmp_path / "s", tmp_path / "p")
