@@ -211,12 +211,12 @@ def _worker(args, campaign: str, shard_ids: list[int], pipeline: bool, lock, out
     simulate_device_tensor_work(dev, args.clip_ms_per_crop, args.pool_ms)
     execution = ExecutionConfig(pipeline=pipeline, prefetch=args.prefetch, host_workers=args.host_workers,
                                 sam_batch=args.sam_batch)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     stats = []
     for sid in shard_ids:
         r = label_shard(campaign, sid, "cpu", retry_failed=False, execution=execution)
         stats.append(r.get("pipeline"))
-    out.put((dev.busy, t0, time.perf_counter(), stats, r["timings"]))
+    out.put((dev.busy, t0, time.perf_counter(), stats, r["timings"], time.process_time() - c0))
 
 
 def _run(args, work: Path, mode: str, round_: int) -> tuple[float, float, dict | None]:
@@ -250,6 +250,7 @@ def _run(args, work: Path, mode: str, round_: int) -> tuple[float, float, dict |
     busy = sum(r[0] for r in res)
     wall = max(r[2] for r in res) - min(r[1] for r in res)
     timings = {k: sum(r[4][k] for r in res) / args.images for k in res[0][4]}
+    timings["host CPU"] = sum(r[5] for r in res) / args.images  # CPU seconds of the worker processes per image
     return args.images / wall, busy / wall, res[0][3][-1], timings
 
 
@@ -299,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         ips = statistics.median(x[0] for x in rs)
         ratio = statistics.median(x[1] for x in rs)
         print(f"{m:14} {ips:9.2f} {ratio:8.3f}   runs: {', '.join(f'{x[1]:.3f}' for x in rs)}")
-    print("\nper image, ms of each part (summed over lanes; the model lane's parts include their sleeps):")
+    print("\nper image, ms of each part (summed over lanes; the model lane's parts include their sleeps; 'host CPU' "
+          "= CPU time the workers used: with c free cores the bound is reachable only if host CPU / c < GPU time):")
     for m, rs in results.items():
         print(f"{m:14} " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in rs[-1][3].items()))
     for m, rs in results.items():
