@@ -35,7 +35,7 @@ import torch
 from fmbseg.device import synchronize
 from fmbseg.images import ImageDecodeError, load_image
 from storage.labels import PackedLabels
-from storage.tables import encode_masks
+from storage.tables import EncodedMasks, encode_masks
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,23 @@ class ExecutionConfig:
         return self.sam_batch if self.sam_batch is not None else (4 if device.type == "cuda" else 1)
 
 
+RLE_CHUNK = 4
+
+
+def _encode_in_chunks(masks: Sequence, hw: tuple[int, int]):
+    """`encode_masks` of the masks, RLE_CHUNK at a time (per-mask RLEs: the same bytes as one call). pycocotools
+    holds the GIL for a whole call; short calls with a yield between them let the model lane, which wakes from
+    every device wait needing the GIL, in within one chunk instead of one image's worth of masks."""
+    if not masks:
+        return encode_masks(np.zeros((0, *hw), bool))
+    parts = []
+    for i in range(0, len(masks), RLE_CHUNK):
+        parts.append(encode_masks(np.stack([m.mask for m in masks[i : i + RLE_CHUNK]])))
+        time.sleep(0)  # drop the GIL: a waiting model lane takes it now, not after the switch interval
+    return EncodedMasks([c for p in parts for c in p.counts], np.concatenate([p.area for p in parts]),
+                        np.concatenate([p.bbox for p in parts]))
+
+
 class ShardRows:
     """The rows of one shard as they accumulate: `rows` (images table), `cols` (masks table), `labels`."""
 
@@ -93,7 +110,7 @@ class ShardRows:
         selected = np.asarray(selected, bool).reshape(-1)
         if selected.shape[0] != n:
             raise RuntimeError(f"Stage 1 returned {selected.shape[0]} selection flags for {n} masks")
-        enc = encode_masks(np.stack([m.mask for m in masks]) if n else np.zeros((0, *hw), bool))
+        enc = _encode_in_chunks(masks, hw)
         new = {
             "image_id": [entry.image_id] * n,
             "mask_id": list(range(n)),
