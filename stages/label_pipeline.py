@@ -76,15 +76,25 @@ class ExecutionConfig:
 RLE_CHUNK = 4
 
 
-def _encode_in_chunks(masks: Sequence, hw: tuple[int, int]):
-    """`encode_masks` of the masks, RLE_CHUNK at a time (per-mask RLEs: the same bytes as one call). pycocotools
-    holds the GIL for a whole call; short calls with a yield between them let the model lane, which wakes from
-    every device wait needing the GIL, in within one chunk instead of one image's worth of masks."""
+def _encode_in_chunks(masks: Sequence, hw: tuple[int, int]) -> EncodedMasks:
+    """`encode_masks` of the masks' (H, W) bool arrays -> the same bytes as one call on their stack.
+
+    Each chunk of RLE_CHUNK masks is written straight into the column-major uint8 buffer pycocotools reads (one
+    transposing copy per mask, instead of a stack copy and then a Fortran-order copy), and pycocotools, which holds
+    the GIL for a whole call, gets short calls with a yield between them: the model lane, which wakes from every
+    device wait needing the GIL, gets it within one chunk instead of one image's worth of masks."""
+    H, W = hw
     if not masks:
-        return encode_masks(np.zeros((0, *hw), bool))
+        return encode_masks(np.zeros((0, H, W), bool))
     parts = []
     for i in range(0, len(masks), RLE_CHUNK):
-        parts.append(encode_masks(np.stack([m.mask for m in masks[i : i + RLE_CHUNK]])))
+        chunk = [m.mask for m in masks[i : i + RLE_CHUNK]]
+        buf = np.empty((H, W, len(chunk)), np.uint8, order="F")
+        for j, m in enumerate(chunk):
+            if m.shape != (H, W):
+                raise RuntimeError(f"Stage 1 returned a {m.shape} mask for a {(H, W)} image")
+            buf[:, :, j] = m
+        parts.append(encode_masks(buf.transpose(2, 0, 1)))  # (n, H, W) view; its (H, W, n) is `buf`, no copy
         time.sleep(0)  # drop the GIL: a waiting model lane takes it now, not after the switch interval
     return EncodedMasks([c for p in parts for c in p.counts], np.concatenate([p.area for p in parts]),
                         np.concatenate([p.bbox for p in parts]))

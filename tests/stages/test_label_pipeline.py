@@ -181,3 +181,23 @@ def test_cli_label_profile_prints_the_time_split_and_idle_fractions(world, tmp_p
     assert main([*args, "--serial", "--campaign", str(tmp_path / "s")]) == 0
     assert "pipeline   off (serial loop)" in capsys.readouterr().out
     _assert_same_campaign(tmp_path / "s", tmp_path / "p")
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 9])
+def test_chunked_rle_equals_one_encode_masks_call(n):
+    from types import SimpleNamespace
+
+    from stages.label_pipeline import _encode_in_chunks
+    from storage.tables import decode_rle, encode_masks
+
+    rng = np.random.default_rng(n)
+    stack = rng.random((n, 37, 53)) < rng.random((n, 1, 1))
+    got = _encode_in_chunks([SimpleNamespace(mask=m) for m in stack], (37, 53))
+    ref = encode_masks(stack)
+    assert got.counts == ref.counts
+    assert np.array_equal(got.area, ref.area) and got.area.dtype == ref.area.dtype
+    assert np.array_equal(got.bbox, ref.bbox) and got.bbox.dtype == ref.bbox.dtype
+    for c, m in zip(got.counts, stack):
+        assert np.array_equal(decode_rle(c, 37, 53), m)
+    with pytest.raises(RuntimeError, match="mask for a"):
+        _encode_in_chunks([SimpleNamespace(mask=np.zeros((37, 52), bool))], (37, 53))
