@@ -33,6 +33,13 @@ def register(subparsers) -> None:
                    help="dense CLIP features of Stage 1: maskclip (default), clearclip (q-q attention, no residual "
                    "or FFN in the last block) or sclip (q-q + k-k attention); part of the Stage-1 config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--profile", action="store_true",
+                   help="print the per-part time split and the pipeline's idle fractions (GPU waiting for host, "
+                   "host waiting for GPU)")
+    p.add_argument("--sam-batch", type=int, default=None, metavar="N",
+                   help="images per SAM encoder batch (default: 1 on CPU, 4 on CUDA); never changes outputs on CPU")
+    p.add_argument("--serial", action="store_true",
+                   help="label image after image without the decode-ahead/write-behind pipeline (same outputs)")
     p.set_defaults(func=cmd_label)
 
     s = subparsers.add_parser("status", help="show a campaign's progress, failures and masks per class")
@@ -62,6 +69,10 @@ def cmd_label(args: argparse.Namespace) -> int:
         resolve_device(args.device)
     except RuntimeError as e:  # --device cuda on a machine without a GPU
         raise UsageError(str(e)) from None
+    if args.sam_batch is not None and args.sam_batch < 1:
+        raise UsageError(f"--sam-batch must be >= 1, got {args.sam_batch}")
+    from stages.label_pipeline import ExecutionConfig
+
     cfg = LabelConfig(
         images=args.images,
         vocab=args.vocab,
@@ -73,10 +84,15 @@ def cmd_label(args: argparse.Namespace) -> int:
         image_root=args.image_root,
         overwrite=args.overwrite,
         stage1={} if args.dense_mode == "maskclip" else {"dense_mode": args.dense_mode},
+        execution=ExecutionConfig(pipeline=not args.serial, sam_batch=args.sam_batch),
     )
     summary = run_label(cfg, rank=args.rank, world_size=args.world_size, retry_failed=args.retry_failed,
                         progress=not args.no_progress)
     print(format_label_summary(summary))
+    if args.profile:
+        from stages.label import format_profile
+
+        print(format_profile(summary))
     return 0
 
 

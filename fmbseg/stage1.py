@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from fmbseg import IGNORE_LABEL
 from fmbseg.device import synchronize
-from fmbseg.models.base import AutoMaskConfig, ClipModel, SamModel
+from fmbseg.models.base import AutoMaskConfig, ClipModel, SamEmbedding, SamModel
 from fmbseg.models.clip import DENSE_MODES
-from fmbseg.models.sliding import sliding_window_features
+from fmbseg.models.sliding import SlidingFeatures, sliding_window_features
 from fmbseg.pooling import mask_pool
 
 STAGE_11 = "1.1"
@@ -199,20 +199,21 @@ class _Clock:
         self._t = now
 
 
-def run_stage1(
-    image: np.ndarray,
-    clip: ClipModel,
-    sam: SamModel,
-    text: torch.Tensor,
-    config: Stage1Config,
-    seed: int,
-    image_id: str,
-) -> Stage1Result:
-    """Stage 1 of one image (DESIGN §1).
+@dataclass
+class Detection:
+    """Stage 1.1's CLIP phase for one image: the sliding-window features, the class text (K, D) normalised on the
+    features' device, the detected class ids (ascending), and `points (n_detected, k, 2)` (x, y) original px, the
+    cell centres of each detected class's top-k dense similarities (None when nothing is detected)."""
 
-    image: (H, W, 3) uint8 RGB, upright. text: (K, D) class text embeddings (made with `config.templates`;
-    normalised here again). `clip` must have been built with `config.dense_mode` (checked when it says). Masks with no pixel are dropped. Images with no detected class get no masks (and no
-    SAM pass)."""
+    features: SlidingFeatures
+    text: torch.Tensor
+    detected: list[int]
+    points: np.ndarray | None
+
+
+def check_stage1_inputs(image: np.ndarray, clip: ClipModel, text: torch.Tensor, config: Stage1Config, seed: int,
+                        image_id: str) -> None:
+    """The argument checks of `run_stage1`, before any model work (ValueError / TypeError naming the problem)."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {getattr(image, 'shape', None)} "
                          f"{getattr(image, 'dtype', None)}")
@@ -224,13 +225,12 @@ def run_stage1(
         raise ValueError(f"the Stage-1 config asks for dense_mode {config.dense_mode!r} but {clip.model_id} was "
                          f"built with {clip.dense_mode!r}; build it with make_clip(..., dense_mode=...)")
     selection_rng(seed, image_id)  # validates seed and image_id before any model work
-    H, W = image.shape[:2]
-    K = text.shape[0]
-    clock = _Clock([clip.device, sam.device])
-    timings = {"clip": 0.0, "sam_encoder": 0.0, "sam_decoder": 0.0, "labeling": 0.0}
 
-    # Stage 1.1, CLIP: crops vote for their arg-max class; the stitched dense map locates each detected class.
-    sf = sliding_window_features(clip, image, config.upscale, config.max_side, config.clip_batch_size)
+
+def detect_classes(sf: SlidingFeatures, text: torch.Tensor, config: Stage1Config) -> Detection:
+    """Phase 1 (after the sliding-window CLIP pass): crops vote for their arg-max class; the stitched dense map
+    locates each detected class's point prompts."""
+    K = text.shape[0]
     text = F.normalize(text.to(sf.dense.device, torch.float32), dim=-1)
     votes = torch.bincount((sf.crop_cls @ text.T).argmax(1), minlength=K)
     detected = [int(k) for k in torch.nonzero(votes >= config.min_crop_votes).flatten().tolist()]
@@ -240,40 +240,85 @@ def run_stage1(
         sims = dense @ text[detected].T  # (cells, n_detected)
         top = sims.topk(min(config.points_per_class, dense.shape[0]), dim=0).indices.T.cpu().numpy()  # (nd, k)
         points = sf.cell_centres().reshape(-1, 2)[top]  # (nd, k, 2) (x, y) original px
+    return Detection(features=sf, text=text, detected=detected, points=points)
+
+
+def sam_candidates(sam: SamModel, emb: SamEmbedding, det: Detection,
+                   config: Stage1Config) -> list[tuple[int, np.ndarray, float, str]]:
+    """Phase 3 (after the SAM encoder): the decoder calls of 1.1 and 1.2 on one embedding -> non-empty candidates
+    `(class_id or -1, mask (H, W) bool, sam_score, stage)`, all 1.1 (class order) then all 1.2 (SAM order)."""
+    # Stage 1.1, SAM: all detected classes' point sets in one decoder call; keep the best multimask output.
+    m11, iou11 = sam.predict_points(emb, det.points)
+    iou11 = np.asarray(iou11, dtype=np.float32)
+    best = iou11.argmax(1)
+    # Copies, so the result does not keep the whole (N, 3, H, W) multimask array alive.
+    cand = [(k, np.array(m11[i, best[i]], dtype=bool), float(iou11[i, best[i]]), STAGE_11)
+            for i, k in enumerate(det.detected)]
+    # Stage 1.2: automatic masks from the same embedding.
+    autos = sam.generate(emb, config.auto_mask_config())
+    cand += [(-1, a.segmentation, float(a.predicted_iou), STAGE_12) for a in autos]
+    return [c for c in cand if c[1].any()]
+
+
+def label_candidates(cand: Sequence[tuple[int, np.ndarray, float, str]], det: Detection) -> list[Stage1Mask]:
+    """Phase 4: pooled dense CLIP under each candidate -> its score (1.1) or its class and score (1.2)."""
+    masks: list[Stage1Mask] = []
+    if cand:
+        sf, text = det.features, det.text
+        stack = np.stack([np.asarray(c[1], dtype=bool) for c in cand])
+        # Cosines in float64 (see mask_pool): scores must not depend on the worker's thread count.
+        pooled = F.normalize(mask_pool(stack, sf.dense, sf.cell_size_xy).double(), dim=-1)
+        cos = (pooled @ text.double().T).float().cpu().numpy()  # (n, K)
+        det_ids = np.asarray(det.detected)
+        for i, (k, m, sam_score, stage) in enumerate(cand):
+            if stage == STAGE_12:
+                k = int(det_ids[cos[i, det_ids].argmax()])
+            masks.append(Stage1Mask(stage=stage, class_id=int(k), score=float(cos[i, k]),
+                                    sam_score=sam_score, mask=m))
+    return masks
+
+
+def merge_masks(masks: list[Stage1Mask], height: int, width: int, config: Stage1Config, seed: int,
+                image_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Phase 5 (host only): the seeded 1.2 draw and the merge -> (selected (n,) bool, label (H, W) uint16)."""
+    selected = select_masks([m.stage for m in masks], config.stage12_fraction, seed, image_id)
+    return selected, merge_label_map(masks, selected, height, width)
+
+
+def run_stage1(
+    image: np.ndarray,
+    clip: ClipModel,
+    sam: SamModel,
+    text: torch.Tensor,
+    config: Stage1Config,
+    seed: int,
+    image_id: str,
+) -> Stage1Result:
+    """Stage 1 of one image (DESIGN §1): the phases `detect_classes` (after the sliding-window CLIP pass),
+    `sam.embed`, `sam_candidates`, `label_candidates`, `merge_masks` in order (stages/label_pipeline.py batches
+    the same phases across images).
+
+    image: (H, W, 3) uint8 RGB, upright. text: (K, D) class text embeddings (made with `config.templates`;
+    normalised here again). `clip` must have been built with `config.dense_mode` (checked when it says). Masks with no pixel are dropped. Images with no detected class get no masks (and no
+    SAM pass)."""
+    check_stage1_inputs(image, clip, text, config, seed, image_id)
+    H, W = image.shape[:2]
+    clock = _Clock([clip.device, sam.device])
+    timings = {"clip": 0.0, "sam_encoder": 0.0, "sam_decoder": 0.0, "labeling": 0.0}
+
+    sf = sliding_window_features(clip, image, config.upscale, config.max_side, config.clip_batch_size)
+    det = detect_classes(sf, text, config)
     clock.lap("clip")
 
     masks: list[Stage1Mask] = []
-    if detected:
+    if det.detected:
         emb = sam.embed(image)
         clock.lap("sam_encoder")
-
-        # Stage 1.1, SAM: all detected classes' point sets in one decoder call; keep the best multimask output.
-        m11, iou11 = sam.predict_points(emb, points)
-        iou11 = np.asarray(iou11, dtype=np.float32)
-        best = iou11.argmax(1)
-        # Copies, so the result does not keep the whole (N, 3, H, W) multimask array alive.
-        cand = [(k, np.array(m11[i, best[i]], dtype=bool), float(iou11[i, best[i]]), STAGE_11)
-                for i, k in enumerate(detected)]
-        # Stage 1.2: automatic masks from the same embedding.
-        autos = sam.generate(emb, config.auto_mask_config())
-        cand += [(-1, a.segmentation, float(a.predicted_iou), STAGE_12) for a in autos]
-        cand = [c for c in cand if c[1].any()]
+        cand = sam_candidates(sam, emb, det, config)
         clock.lap("sam_decoder")
-
-        if cand:
-            stack = np.stack([np.asarray(c[1], dtype=bool) for c in cand])
-            # Cosines in float64 (see mask_pool): scores must not depend on the worker's thread count.
-            pooled = F.normalize(mask_pool(stack, sf.dense, sf.cell_size_xy).double(), dim=-1)
-            cos = (pooled @ text.double().T).float().cpu().numpy()  # (n, K)
-            det = np.asarray(detected)
-            for i, (k, m, sam_score, stage) in enumerate(cand):
-                if stage == STAGE_12:
-                    k = int(det[cos[i, det].argmax()])
-                masks.append(Stage1Mask(stage=stage, class_id=int(k), score=float(cos[i, k]),
-                                        sam_score=sam_score, mask=m))
-    selected = select_masks([m.stage for m in masks], config.stage12_fraction, seed, image_id)
-    label = merge_label_map(masks, selected, H, W)
+        masks = label_candidates(cand, det)
+    selected, label = merge_masks(masks, H, W, config, seed, image_id)
     clock.lap("labeling")
     timings.update(clock.times)
-    return Stage1Result(height=H, width=W, detected=detected, masks=masks, selected=selected, label=label,
+    return Stage1Result(height=H, width=W, detected=det.detected, masks=masks, selected=selected, label=label,
                         timings=timings)

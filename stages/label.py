@@ -18,24 +18,22 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
-
 import fmbseg
 from fmbseg.images import ImageDecodeError, load_image
 from fmbseg.vocab import Vocabulary, parse_vocab
 from stages import models_cache
+from stages.label_pipeline import ExecutionConfig, ShardRows, label_entries
 from storage.campaign import CampaignManifest, differing_fields, read_manifest, write_manifest
 from storage.fs import CampaignRoot
-from storage.labels import PackedLabels
 from storage.markers import read_done, remove_done
 from storage.planning import append_shards, list_inputs, planned_shards, read_shard
 from storage.reader import CampaignReader
 from storage.shard_writer import commit_shard
-from storage.tables import encode_masks, images_table, masks_table
+from storage.tables import images_table, masks_table
 
 log = logging.getLogger(__name__)
 
-TIMING_KEYS = ("decode", "clip", "sam_encoder", "sam_decoder", "labeling", "storage")
+TIMING_KEYS = ("decode", "prepare", "clip", "sam_encoder", "sam_decoder", "labeling", "storage")
 
 
 @dataclass
@@ -52,6 +50,8 @@ class LabelConfig:
     image_root: str | None = None
     stage1: dict = field(default_factory=dict)
     overwrite: bool = False
+    # How images run (pipelined or serial, prefetch depth, SAM batch): never recorded, never changes outputs.
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
 
 # -- Stage-1 config ---------------------------------------------------------------------------------------------
@@ -143,15 +143,6 @@ def shards_for_rank(shard_ids: list[int], rank: int, world_size: int) -> list[in
 
 
 # -- one shard --------------------------------------------------------------------------------------------------
-_MASK_COLUMNS = ("image_id", "mask_id", "stage", "class_id", "class_name", "score", "sam_score", "area", "bbox",
-                 "height", "width", "rle", "selected")
-
-
-def _failure(entry, reason: str, kind: str, hw: tuple[int, int] | None) -> dict:
-    return {"image_id": entry.image_id, "path": entry.path, "status": "failed", "error": reason,
-            "height": hw[0] if hw else None, "width": hw[1] if hw else None, "n_masks": 0, "_kind": kind}
-
-
 def label_shard(
     campaign: str,
     shard_id: int,
@@ -159,10 +150,13 @@ def label_shard(
     retry_failed: bool = False,
     *,
     on_image: Callable[[int, int], None] | None = None,
+    execution: ExecutionConfig | None = None,
 ) -> dict:
     """Label one planned shard and commit it; a no-op (`{"skipped": True, ...}`) when it is already done.
 
-    `on_image(masks, failed)`: called after each image with the shard's running totals (progress bars)."""
+    `on_image(masks, failed)`: called after each image with the shard's running totals (progress bars; from the
+    pipeline's writer thread when `execution.pipeline`). `execution`: how the images run (stages/label_pipeline.py;
+    default: pipelined), never what they produce."""
     root = CampaignRoot(campaign)
     manifest = read_manifest(root)
     if manifest is None:
@@ -190,62 +184,39 @@ def label_shard(
 
     t_start = time.perf_counter()
     timings = dict.fromkeys(TIMING_KEYS, 0.0)
-    rows: list[dict] = []
-    cols: dict[str, list] = {k: [] for k in _MASK_COLUMNS}
-    labels = PackedLabels()
-    n_masks = n_failed = 0
-    for entry in entries:
-        t0 = time.perf_counter()
-        hw = None
-        try:
-            image = load_image(entry.path)
-            hw = image.shape[:2]
-            timings["decode"] += time.perf_counter() - t0
-            result = run_stage1(image, clip, sam, text, config, manifest.seed, entry.image_id)
-            for k, v in result.timings.items():
-                if k in timings:
-                    timings[k] += v
-            t1 = time.perf_counter()
-            if (result.height, result.width) != tuple(hw) or result.label.shape != tuple(hw):
-                raise RuntimeError(f"Stage 1 returned a {result.label.shape} label map for a {hw} image")
-            n = len(result.masks)
-            enc = encode_masks(np.stack([m.mask for m in result.masks]) if n else np.zeros((0, *hw), bool))
-            selected = np.asarray(result.selected, bool).reshape(-1)
-            if selected.shape[0] != n:
-                raise RuntimeError(f"Stage 1 returned {selected.shape[0]} selection flags for {n} masks")
-            for j, m in enumerate(result.masks):
-                cols["image_id"].append(entry.image_id)
-                cols["mask_id"].append(j)
-                cols["stage"].append(m.stage)
-                cols["class_id"].append(int(m.class_id))
-                cols["class_name"].append(vocab.names[m.class_id])
-                cols["score"].append(float(m.score))
-                cols["sam_score"].append(float(m.sam_score))
-                cols["area"].append(int(enc.area[j]))
-                cols["bbox"].append(enc.bbox[j])
-                cols["height"].append(int(hw[0]))
-                cols["width"].append(int(hw[1]))
-                cols["rle"].append(enc.counts[j])
-                cols["selected"].append(bool(selected[j]))
-            labels.add(entry.image_id, np.asarray(result.label, np.uint16))
-            rows.append({"image_id": entry.image_id, "path": entry.path, "status": "ok", "error": None,
-                         "height": int(hw[0]), "width": int(hw[1]), "n_masks": n})
-            n_masks += n
-            timings["storage"] += time.perf_counter() - t1
-        except ImageDecodeError as e:
-            timings["decode"] += time.perf_counter() - t0
-            rows.append(_failure(entry, str(e), e.kind, e.hw))
-            n_failed += 1
-        except Exception as e:  # a bug or resource error in one image must not kill the shard
-            log.warning("image %s of shard %d failed", entry.image_id, shard_id, exc_info=True)
-            # Drop any partial mask rows of this image so the tables stay consistent with its `failed` row.
-            while cols["image_id"] and cols["image_id"][-1] == entry.image_id:
-                for k in _MASK_COLUMNS:
-                    cols[k].pop()
-            rows.append(_failure(entry, f"{type(e).__name__}: {e}", type(e).__name__, hw))
-            n_failed += 1
-        if on_image is not None:
-            on_image(n_masks, n_failed)
+    execution = execution or ExecutionConfig()
+    acc = ShardRows(vocab.names)
+    stats = None
+    if execution.pipeline:
+        # Decode/prepare ahead and merge/RLE behind the model work, same rows in the same order.
+        stats = label_entries(entries, clip, sam, text, config, manifest.seed, acc, execution, timings, on_image,
+                              shard_id)
+    else:
+        for entry in entries:
+            t0 = time.perf_counter()
+            hw = None
+            try:
+                image = load_image(entry.path)
+                hw = image.shape[:2]
+                timings["decode"] += time.perf_counter() - t0
+                result = run_stage1(image, clip, sam, text, config, manifest.seed, entry.image_id)
+                for k, v in result.timings.items():
+                    if k in timings:
+                        timings[k] += v
+                t1 = time.perf_counter()
+                if (result.height, result.width) != tuple(hw):
+                    raise RuntimeError(f"Stage 1 returned a {result.label.shape} label map for a {hw} image")
+                acc.add_ok(entry, hw, result.masks, result.selected, result.label)
+                timings["storage"] += time.perf_counter() - t1
+            except ImageDecodeError as e:
+                timings["decode"] += time.perf_counter() - t0
+                acc.add_failure(entry, str(e), e.kind, e.hw)
+            except Exception as e:  # a bug or resource error in one image must not kill the shard
+                log.warning("image %s of shard %d failed", entry.image_id, shard_id, exc_info=True)
+                acc.add_failure(entry, f"{type(e).__name__}: {e}", type(e).__name__, hw)
+            if on_image is not None:
+                on_image(acc.n_masks, acc.n_failed)
+    rows, cols, labels = acc.rows, acc.cols, acc.labels
     t_store = time.perf_counter()
     failure_reasons = Counter(r.pop("_kind") for r in rows if "_kind" in r)
     names = list(vocab.names)
@@ -255,7 +226,8 @@ def label_shard(
     timings["storage"] += time.perf_counter() - t_store
     return {"shard_id": shard_id, "images": marker.images, "ok": marker.ok, "failed": marker.failed,
             "masks": marker.masks, "seconds": round(time.perf_counter() - t_start, 4), "skipped": False,
-            "failure_reasons": dict(failure_reasons), "timings": timings}
+            "failure_reasons": dict(failure_reasons), "timings": timings,
+            "pipeline": stats.to_dict() if stats is not None else None}
 
 
 # -- a whole run ------------------------------------------------------------------------------------------------
@@ -285,7 +257,7 @@ def run_label(cfg: LabelConfig, rank: int = 0, world_size: int = 1, retry_failed
     results = []
     try:
         for sid in mine:
-            r = label_shard(cfg.campaign, sid, cfg.device, retry_failed, on_image=on_image)
+            r = label_shard(cfg.campaign, sid, cfg.device, retry_failed, on_image=on_image, execution=cfg.execution)
             results.append(r)
             if not r["skipped"]:
                 done_masks += r["masks"]
@@ -301,6 +273,10 @@ def run_label(cfg: LabelConfig, rank: int = 0, world_size: int = 1, retry_failed
         for k, v in r["timings"].items():
             timings[k] += v
     images = sum(r["images"] for r in ran)
+    pipe: dict[str, float] = {}
+    for r in ran:
+        for k, v in (r.get("pipeline") or {}).items():
+            pipe[k] = v if k == "host_workers" else pipe.get(k, 0.0) + v
     return {
         "campaign": cfg.campaign,
         "rank": rank,
@@ -316,6 +292,7 @@ def run_label(cfg: LabelConfig, rank: int = 0, world_size: int = 1, retry_failed
         "images_per_s": round(images / seconds, 3) if seconds > 0 and images else 0.0,
         "failure_reasons": dict(reasons.most_common()),
         "timings": {k: round(v, 4) for k, v in timings.items()},
+        "pipeline": pipe or None,
     }
 
 
@@ -334,6 +311,27 @@ def format_label_summary(s: dict) -> str:
     total = sum(s["timings"].values())
     if total > 0:
         lines.append("time split " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in s["timings"].items()))
+    return "\n".join(lines)
+
+
+def format_profile(s: dict) -> str:
+    """`fmbseg label --profile`: seconds per image of each part (summed over the pipeline's lanes, so parts that
+    overlap add up to more than the wall time) and the pipeline's idle fractions of its wall time."""
+    n = max(s["images"], 1)
+    lines = [f"profile    {s['images']} images, {s['seconds']:.2f} s wall ({1e3 * s['seconds'] / n:.1f} ms/image)"]
+    names = {"decode": "decode + EXIF", "prepare": "CLIP upscale + SAM resize", "clip": "CLIP crops + detection",
+             "sam_encoder": "SAM encoder", "sam_decoder": "SAM decoder (1.1 points + 1.2 auto)",
+             "labeling": "mask pooling + merge", "storage": "RLE, rows, commit"}
+    for k, v in s["timings"].items():
+        lines.append(f"  {names.get(k, k):38} {1e3 * v / n:9.1f} ms/image")
+    p = s.get("pipeline")
+    if p and p.get("wall"):
+        w = p["wall"]
+        lines.append(f"pipeline   GPU waiting for host {p['model_wait_host'] / w:.0%}, host waiting for GPU "
+                     f"{p['writer_wait_model'] / w:.0%} (writer idle), model lane busy {p['model_busy'] / w:.0%}, "
+                     f"prefetch threads busy {p['prefetch_busy'] / (w * max(p.get('host_workers', 1), 1)):.0%}")
+    else:
+        lines.append("pipeline   off (serial loop)" if s["images"] else "pipeline   no image labelled in this run")
     return "\n".join(lines)
 
 

@@ -172,3 +172,30 @@ class SegmentAnythingModel:
         from fmbseg.models.sam_automask import generate_masks
 
         return generate_masks(self, emb, cfg)
+
+    # -- batched encoder (the label pipeline) ------------------------------------------------------------------
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """The host half of `embed`: (H, W, 3) uint8 -> the long-side-resized (h', w', 3) uint8 input (PIL), so the
+        label pipeline can run it ahead of the GPU."""
+        return self.transform.apply_image(image)
+
+    @torch.no_grad()
+    def embed_many(self, images: list[np.ndarray], prepared: list[np.ndarray] | None = None) -> list[SamEmbedding]:
+        """`embed` of several images in one encoder batch -> one SamEmbedding each, equal to `embed(image)` up to
+        the encoder's batch-size dependence (bit-equal on this CPU for the tested sizes; bf16 noise on CUDA).
+        `prepared[i]` (optional) is `prepare(images[i])`, already computed."""
+        if not images:
+            return []
+        for image in images:
+            if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                desc = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
+                raise ValueError(f"SAM embed expects an (H, W, 3) uint8 RGB array, got {desc.strip()}")
+        if prepared is None:
+            prepared = [self.prepare(image) for image in images]
+        x = torch.cat([self.sam.preprocess(torch.as_tensor(r).to(self.device, non_blocking=True)
+                                           .permute(2, 0, 1).contiguous()[None].float()) for r in prepared])
+        with autocast(self.device):
+            features = self.sam.image_encoder(x)
+        return [SamEmbedding(original_hw=tuple(image.shape[:2]), input_hw=tuple(r.shape[:2]),
+                             features=features[i : i + 1].float())
+                for i, (image, r) in enumerate(zip(images, prepared))]

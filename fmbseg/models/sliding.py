@@ -100,6 +100,92 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), resample=Image.Resampling.BICUBIC))
 
 
+@dataclass
+class SlidingInput:
+    """The host half of the sliding-window pass for one image (no model work; runs ahead in the label pipeline).
+
+    pixels: (Hu, Wu, 3) uint8 upscaled image (a numpy array, or a pinned uint8 tensor for a fast upload).
+    boxes: (N, 4) int64 XYXY crops in upscaled px, row-major; image_hw: (H, W) of the original image."""
+
+    pixels: np.ndarray | torch.Tensor
+    boxes: np.ndarray
+    image_hw: tuple[int, int]
+
+
+def prepare_sliding(image: np.ndarray, crop_size: int, patch_size: int, upscale: float = 2.0,
+                    max_side: int = 2048) -> SlidingInput:
+    """Upscale `image` (H, W, 3) uint8 RGB (PIL bicubic) and lay out its crops (see the module docstring)."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        desc = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {desc}")
+    S, P = int(crop_size), int(patch_size)
+    H, W = image.shape[:2]
+    Hu, Wu = upscaled_size(H, W, S, P, upscale, max_side)
+    up = resize_image(np.ascontiguousarray(image), Hu, Wu)
+    ys, xs = crop_offsets(Hu, S, P), crop_offsets(Wu, S, P)
+    boxes = np.array([(x, y, x + S, y + S) for y in ys for x in xs], dtype=np.int64)
+    return SlidingInput(pixels=np.array(up, copy=True), boxes=boxes, image_hw=(H, W))
+
+
+def sliding_features_many(clip: ClipModel, inputs: list[SlidingInput], batch_size: int = 32,
+                          across_images: bool = True) -> list[SlidingFeatures]:
+    """The model half: CLIP over the crops of several prepared images, at most `batch_size` crops per
+    `encode_crops` call, stitched per image in crop order. `across_images`: a batch may hold the last crops of one
+    image and the first of the next (full batches for the GPU); else batches are cut per image, as
+    `sliding_window_features` cuts them. Each image's result equals the one it gets alone when `encode_crops` is
+    exact per crop (the oracle); a real model's CLS may move by ~1e-7 with the batch's composition (CPU GEMMs
+    depend on the row count), so bit-exact callers keep `across_images=False`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    S, P = int(clip.input_size), int(clip.patch_size)
+    device = clip.device
+    n = S // P
+    # Channels-first and contiguous once, so each crop is a cheap row-wise copy.
+    pixels = [torch.as_tensor(inp.pixels).to(device, non_blocking=True).permute(2, 0, 1).contiguous().float()
+              .div_(255.0) for inp in inputs]
+    work = [(i, box) for i, inp in enumerate(inputs) for box in inp.boxes]
+    if across_images:
+        chunks = [work[b0 : b0 + batch_size] for b0 in range(0, len(work), batch_size)]
+    else:
+        chunks = [[(i, box) for box in inp.boxes[b0 : b0 + batch_size]]
+                  for i, inp in enumerate(inputs) for b0 in range(0, len(inp.boxes), batch_size)]
+    acc: list[torch.Tensor | None] = [None] * len(inputs)
+    count = [torch.zeros(p.shape[1] // P, p.shape[2] // P, device=device) for p in pixels]
+    cls_parts: list[list[torch.Tensor]] = [[] for _ in inputs]
+    with torch.no_grad():
+        for chunk in chunks:
+            crops = torch.stack([pixels[i][:, y0:y1, x0:x1] for i, (x0, y0, x1, y1) in chunk])
+            with autocast(device):
+                cls, dense = clip.encode_crops(crops)
+            cls, dense = cls.float().to(device), dense.float().to(device)
+            if dense.shape[1:3] != (n, n):
+                raise ValueError(f"{clip.model_id}: encode_crops returned a {tuple(dense.shape[1:3])} grid for "
+                                 f"{S}px crops with patch {P}; expected ({n}, {n})")
+            start = 0
+            for j, ((i, (x0, y0, _, _)), d) in enumerate(zip(chunk, dense)):
+                if acc[i] is None:
+                    acc[i] = torch.zeros(*count[i].shape, dense.shape[-1], device=device)
+                r, c = y0 // P, x0 // P
+                acc[i][r : r + n, c : c + n] += d
+                count[i][r : r + n, c : c + n] += 1
+                if j + 1 == len(chunk) or chunk[j + 1][0] != i:  # one slice of cls per image and batch
+                    cls_parts[i].append(cls[start : j + 1])
+                    start = j + 1
+    out = []
+    for i, inp in enumerate(inputs):
+        H, W = inp.image_hw
+        Hu, Wu = pixels[i].shape[1:]
+        out.append(SlidingFeatures(
+            crop_cls=F.normalize(torch.cat(cls_parts[i]), dim=-1),
+            crop_boxes=inp.boxes,
+            dense=F.normalize(acc[i] / count[i][..., None], dim=-1),
+            scale_xy=(Wu / W, Hu / H),
+            patch_size=P,
+            image_hw=(H, W),
+        ))
+    return out
+
+
 def sliding_window_features(
     clip: ClipModel,
     image: np.ndarray,
@@ -107,53 +193,12 @@ def sliding_window_features(
     max_side: int = 2048,
     batch_size: int = 32,
 ) -> SlidingFeatures:
-    """Run CLIP over square crops of the upscaled image and stitch the dense features (DESIGN §1 steps 1-4).
+    """Run CLIP over square crops of the upscaled image and stitch the dense features (DESIGN §1 steps 1-4):
+    `prepare_sliding` then `sliding_features_many` on this one image.
 
     image: (H, W, 3) uint8 RGB. Crops are fed to `clip.encode_crops` as (B, 3, S, S) float in [0, 1], at most
     `batch_size` at a time, under bf16 autocast on CUDA. Outputs live on `clip.device`, float32."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        desc = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {desc}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    S, P = int(clip.input_size), int(clip.patch_size)
-    H, W = image.shape[:2]
-    Hu, Wu = upscaled_size(H, W, S, P, upscale, max_side)
-    up = resize_image(np.ascontiguousarray(image), Hu, Wu)
-
-    ys, xs = crop_offsets(Hu, S, P), crop_offsets(Wu, S, P)
-    boxes = np.array([(x, y, x + S, y + S) for y in ys for x in xs], dtype=np.int64)
-
-    device = clip.device
-    # Channels-first and contiguous once, so each crop is a cheap row-wise copy.
-    pixels = torch.from_numpy(np.array(up, copy=True)).to(device).permute(2, 0, 1).contiguous().float().div_(255.0)
-    hg, wg, n = Hu // P, Wu // P, S // P
-    acc = None
-    count = torch.zeros(hg, wg, device=device)
-    cls_parts = []
-    with torch.no_grad():
-        for b0 in range(0, len(boxes), batch_size):
-            chunk = boxes[b0 : b0 + batch_size]
-            crops = torch.stack([pixels[:, y0:y1, x0:x1] for x0, y0, x1, y1 in chunk])
-            with autocast(device):
-                cls, dense = clip.encode_crops(crops)
-            cls, dense = cls.float().to(device), dense.float().to(device)
-            if dense.shape[1:3] != (n, n):
-                raise ValueError(f"{clip.model_id}: encode_crops returned a {tuple(dense.shape[1:3])} grid for "
-                                 f"{S}px crops with patch {P}; expected ({n}, {n})")
-            if acc is None:
-                acc = torch.zeros(hg, wg, dense.shape[-1], device=device)
-            for (x0, y0, _, _), d in zip(chunk, dense):
-                r, c = y0 // P, x0 // P
-                acc[r : r + n, c : c + n] += d
-                count[r : r + n, c : c + n] += 1
-            cls_parts.append(cls)
-    stitched = F.normalize(acc / count[..., None], dim=-1)
-    return SlidingFeatures(
-        crop_cls=F.normalize(torch.cat(cls_parts), dim=-1),
-        crop_boxes=boxes,
-        dense=stitched,
-        scale_xy=(Wu / W, Hu / H),
-        patch_size=P,
-        image_hw=(H, W),
-    )
+    inp = prepare_sliding(image, int(clip.input_size), int(clip.patch_size), upscale, max_side)
+    return sliding_features_many(clip, [inp], batch_size)[0]

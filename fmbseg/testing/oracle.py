@@ -232,6 +232,14 @@ class OracleSam:
         return [AutoMask(segmentation=feats.regions == k, predicted_iou=AUTO_PREDICTED_IOU,
                          stability_score=AUTO_STABILITY) for k in keep]
 
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """The host half of `embed` (the real adapter resizes here); the oracle's "encoder" needs the image itself."""
+        return image
+
+    def embed_many(self, images: list[np.ndarray], prepared: list[np.ndarray] | None = None) -> list[SamEmbedding]:
+        """`embed` of each image, in order (exact per image: one "encoder pass" each)."""
+        return [self.embed(image) for image in images]
+
 
 class OracleDino:
     """DinoModel stand-in: mean patch colour through a fixed linear map, plus content-seeded noise."""

@@ -40,15 +40,16 @@ def test_label_summary_counts_only_work_done_this_run():
 
 @pytest.fixture
 def count_stage1(monkeypatch):
-    """Counts calls of the per-image Stage-1 algorithm (label_shard imports it at call time)."""
+    """Counts images entering the per-image Stage-1 algorithm: its input check, which both the serial loop
+    (run_stage1) and the pipelined one (stages/label_pipeline.py) call once per image, by module attribute."""
     calls = []
-    real = fmbseg.stage1.run_stage1
+    real = fmbseg.stage1.check_stage1_inputs
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("image_id", args[-1] if args else None))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fmbseg.stage1, "run_stage1", counting)
+    monkeypatch.setattr(fmbseg.stage1, "check_stage1_inputs", counting)
     return calls
 
 

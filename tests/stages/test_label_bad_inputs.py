@@ -130,20 +130,27 @@ def test_status_reports_failure_reasons(corpus, capsys):
     assert "9 ok, 7 failed" in out and "not an image x2" in out and "shards    4/4 done" in out
 
 
-def test_a_crash_inside_one_image_fails_that_image_only(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pipeline", [False, True], ids=["serial", "pipelined"])
+def test_a_crash_inside_one_image_fails_that_image_only(tmp_path, monkeypatch, pipeline):
     import fmbseg.stage1
+    from stages.label_pipeline import ExecutionConfig
 
     write_world(tmp_path / "w", 3, seed=2, sizes=((128, 160),), formats=("png",))
-    real = fmbseg.stage1.run_stage1
+    # The serial loop calls run_stage1 per image; the pipeline calls its phases (the decoder phase crashes here).
+    name = "sam_candidates" if pipeline else "run_stage1"
+    real = getattr(fmbseg.stage1, name)
+    calls = []
 
-    def flaky(image, clip, sam, text, config, seed, image_id):
-        if image_id == "world_0001.png":
+    def flaky(*args):
+        calls.append(1)
+        if (len(calls) == 2) if pipeline else (args[-1] == "world_0001.png"):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(image, clip, sam, text, config, seed, image_id)
+        return real(*args)
 
-    monkeypatch.setattr(fmbseg.stage1, "run_stage1", flaky)
+    monkeypatch.setattr(fmbseg.stage1, name, flaky)
     s = run_label(LabelConfig(images=str(tmp_path / "w" / "images"), vocab=str(tmp_path / "w" / "classes.txt"),
-                              campaign=str(tmp_path / "c"), preset="oracle", device="cpu"), progress=False)
+                              campaign=str(tmp_path / "c"), preset="oracle", device="cpu",
+                              execution=ExecutionConfig(pipeline=pipeline)), progress=False)
     assert (s["ok"], s["failed"], s["failure_reasons"]) == (2, 1, {"RuntimeError": 1})
     rows = CampaignReader(tmp_path / "c").images().to_pylist()
     assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
