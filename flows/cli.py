@@ -13,7 +13,7 @@ import importlib
 import sys
 
 # Modules that register subcommands, in the order `fmbseg --help` lists them.
-COMMAND_MODULES = ("flows.commands_label", "flows.commands_stage2", "flows.demo")
+COMMAND_MODULES = ("flows.commands_label", "flows.commands_stage2", "flows.commands_stats", "flows.demo")
 
 
 class UsageError(Exception):

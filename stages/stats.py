@@ -49,6 +49,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from storage.reader import CampaignReader
+from storage.tables import decode_rle
 
 IGNORE = 65535
 STAGES = ("1.1", "1.2")
@@ -141,7 +142,7 @@ def _paint(rows: list[dict], stage: str, h: int, w: int) -> tuple[np.ndarray, li
 
 
 def _decode(r: dict) -> np.ndarray:
-    return mask_utils.decode({"size": [int(r["height"]), int(r["width"])], "counts": r["rle"]}).astype(bool)
+    return decode_rle(r["rle"], int(r["height"]), int(r["width"]))
 
 
 @dataclass
