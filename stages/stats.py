@@ -13,22 +13,26 @@ Per class k (vocabulary order), with "1.1 mask" / "1.2 masks" the rows of the `m
 - `label_pixels`: pixels of class k in the merged label maps (`labels.zarr`); `coverage` (campaign-wide) =
   fraction of ok images' pixels that are not ignore.
 
-Agreement of Stage 1.1 and Stage 1.2 (the label-noise proxy). Two per-image maps are painted with the merge
-rule (increasing `score`, the highest score wins an overlap, ignore where uncovered), using *every* mask of the
-stage (not only the 75 % selection, which is a random draw): L11 from the 1.1 masks, L12 from the 1.2 masks.
-- `agreement` (the headline number): IoU of {L11 = k} and {L12 = k} over the pixels that both maps label,
-  accumulated over the campaign (sum of intersections / sum of unions). It is the true pseudo-label IoU with the
-  other stage standing in for the ground truth: 1.0 when the two stages, which label by different means (1.1:
-  the patches most similar to the class text prompt SAM; 1.2: SAM's own masks are labelled by their pooled
-  embedding), never disagree about class k where both have a label.
-- `mask_iou`: IoU of the 1.1 mask of class k with the union of the image's 1.2 masks of class k (all masks,
-  overlaps included), accumulated. It also drops when the stages agree on labels but cover different pixels
-  (1.1 prompts reach only the instances its points hit), so it mixes coverage with label noise.
+Agreement of Stage 1.1 and Stage 1.2 (the label-noise proxy). Two more maps per image are painted with the merge
+rule (increasing `score`, the highest score wins an overlap, ignore where uncovered) from *every* mask of one
+stage (not only the 75 % selection, a random draw): L11 from the 1.1 masks, L12 from the 1.2 masks. Per class k,
+every figure accumulated over the campaign (sums of intersections over sums of unions):
+- `agreement` (the headline number): IoU of {label map = k} and {L12 = k} over the pixels both label. The label
+  map holds all 1.1 masks and 3/4 of the 1.2 masks, so it differs from L12 exactly where a 1.1 mask (or, where
+  L12's own mask was not drawn, a lower mask) overrules 1.2's label: the Stage 1.1/1.2 conflicts that *reached
+  the pseudo-labels*. Conflicts the merge settles in 1.2's favour (its mask scores higher) do not count.
+- `agreement_11_12`: IoU of {L11 = k} and {L12 = k} over the pixels both label: every conflict of the stages,
+  whoever wins it.
+- `mask_iou`: IoU of the 1.1 mask of class k with the union of the image's 1.2 masks of class k (all of them,
+  overlaps included). It also drops when the stages agree on labels but cover different pixels (1.1 prompts reach
+  only the instances its points hit), so it mixes coverage with label noise.
 - `label_differ`: of the 1.1 mask's pixels that some 1.2 mask covers, the fraction whose L12 label is not k;
   `uncovered_12`: the fraction of the 1.1 mask's pixels no 1.2 mask covers; `confused_with`: the class L12 gives
-  most often to the 1.1 mask's pixels when it is not k.
-A class that 1.1 and 1.2 confuse has both stages' errors in its label maps, so a low agreement flags it; errors
-both stages make alike (the same wrong class from both) are invisible to this proxy.
+  most often to the 1.1 mask's pixels when it is not k, and `confused_fraction` its share.
+Errors both stages make alike (a class not detected, so 1.2 too must pick another; CLIP seeing a whole region as
+the wrong class) are invisible to every one of these. scripts/validate_stats_proxy.py measures how well each ranks
+classes by their true pseudo-label IoU on a synthetic world with confusable classes (README, "Label quality
+without ground truth").
 
 Outputs (`write_stats`): `stats.json` (machine-readable), `stats.md` (tables), `scores_<n>.png` (score
 histograms per class), `sam_scores_<n>.png`, `agreement.png` (per-class bars).
@@ -174,6 +178,7 @@ class _Acc:
         self.union = np.zeros(K, np.int64)  # |M11_k | U12_k|
         self.r11 = np.zeros((K, K + 1), np.int64)  # pixels of the 1.1 mask of k by their L12 label (K = ignore)
         self.cross = np.zeros((K + 1, K + 1), np.int64)  # pixels by (L11 label, L12 label), K = ignore
+        self.merged12 = np.zeros((K + 1, K + 1), np.int64)  # pixels by (merged label, L12 label), K = ignore
 
 
 def _add_rows(acc: _Acc, cols: dict[str, list]) -> None:
@@ -211,8 +216,10 @@ def _add_image(acc: _Acc, rows: list[dict], h: int, w: int, label: np.ndarray) -
     acc.label_pixels += np.bincount(lab, minlength=K)[:K]
     if not any(r["stage"] == "1.1" for r in rows):
         acc.no_detection += 1
+    merged_idx = np.where(label == IGNORE, K, label).astype(np.int64)
     if not rows:
         acc.cross[K, K] += h * w
+        acc.merged12[:, K] += np.bincount(merged_idx.ravel(), minlength=K + 1)
         return
     l12, rows12 = _paint(rows, "1.2", h, w)
     l12_idx = np.where(l12 == IGNORE, K, l12).astype(np.int64)
@@ -244,6 +251,8 @@ def _add_image(acc: _Acc, rows: list[dict], h: int, w: int, label: np.ndarray) -
             acc.union[k] += int(mask_utils.area(u))
     l11_idx = np.where(l11 == IGNORE, K, l11).astype(np.int64)
     acc.cross += np.bincount((l11_idx * (K + 1) + l12_idx).ravel(), minlength=(K + 1) ** 2).reshape(K + 1, K + 1)
+    acc.merged12 += np.bincount((merged_idx * (K + 1) + l12_idx).ravel(),
+                                minlength=(K + 1) ** 2).reshape(K + 1, K + 1)
     for k in seen11:
         acc.images_detected[k] += 1
 
@@ -283,6 +292,8 @@ def _summarise(acc: _Acc, names: list[str], campaign: str, reader: CampaignReade
     K = acc.K
     both = acc.cross[:K, :K]  # pixels both stages label
     a11, a12, kk = both.sum(1), both.sum(0), np.diag(both)
+    mboth = acc.merged12[:K, :K]  # pixels both the label map and the 1.2 map label
+    am, am12, mkk = mboth.sum(1), mboth.sum(0), np.diag(mboth)
     classes = []
     for k, name in enumerate(names):
         row12 = acc.r11[k, :K]
@@ -295,7 +306,8 @@ def _summarise(acc: _Acc, names: list[str], campaign: str, reader: CampaignReade
             "name": name,
             "images_detected": int(acc.images_detected[k]),
             "label_pixels": int(acc.label_pixels[k]),
-            "agreement": _ratio(kk[k], a11[k] + a12[k] - kk[k]),
+            "agreement": _ratio(mkk[k], am[k] + am12[k] - mkk[k]),
+            "agreement_11_12": _ratio(kk[k], a11[k] + a12[k] - kk[k]),
             "mask_iou": _ratio(acc.inter[k], acc.union[k]),
             "label_differ": _ratio(covered - row12[k], covered),
             "uncovered_12": _ratio(acc.r11[k, K], acc.r11[k].sum()),
@@ -326,8 +338,9 @@ def _summarise(acc: _Acc, names: list[str], campaign: str, reader: CampaignReade
         "labelled_pixels": acc.labelled,
         "coverage": _ratio(acc.labelled, acc.pixels),
         "never_detected": [n for k, n in enumerate(names) if acc.images_detected[k] == 0],
-        "agreement_pixels": int(both.sum()),
-        "overall_agreement": _ratio(int(kk.sum()), int(both.sum())),
+        "agreement_pixels": int(mboth.sum()),
+        "overall_agreement": _ratio(int(mkk.sum()), int(mboth.sum())),
+        "overall_agreement_11_12": _ratio(int(kk.sum()), int(both.sum())),
         "histograms": {"score": {"range": list(SCORE_RANGE), "bins": SCORE_BINS},
                        "sam_score": {"range": list(SAM_RANGE), "bins": SAM_BINS},
                        "encoding": "per class: {first: index of the first non-empty bin, counts: [...]}; "
@@ -372,25 +385,29 @@ def stats_markdown(stats: dict) -> str:
         f"{stats['images']} images in {len(stats['shards'])} committed shards: {stats['images_ok']} ok, "
         f"{stats['images_failed']} failed, {stats['images_no_detection']} ok images with no detected class.",
         f"Coverage (pixels of ok images that are not ignore in the label maps): **{_fmt(cov, True)} %**. "
-        f"Stage 1.1 / 1.2 agreement over all pixels both label: **{_fmt(stats['overall_agreement'], True)} %**.",
+        f"Agreement of the label maps with the Stage-1.2 map over pixels both label: "
+        f"**{_fmt(stats['overall_agreement'], True)} %** (Stage 1.1 map vs 1.2 map: "
+        f"{_fmt(stats['overall_agreement_11_12'], True)} %).",
         "",
         "Never detected: " + (", ".join(stats["never_detected"]) if stats["never_detected"] else "none") + ".",
         "",
         "## Agreement of Stage 1.1 and Stage 1.2 (label-noise proxy), worst first",
         "",
-        "agreement = IoU of {1.1 says k} and {1.2 says k} over pixels both stages label; mask IoU = IoU of the 1.1 "
-        "mask with the union of the same-class 1.2 masks; differ = share of 1.1 pixels covered by 1.2 that 1.2 "
-        "labels otherwise; uncovered = share of 1.1 pixels no 1.2 mask covers. All in %.",
+        "agreement = IoU of {label map says k} and {1.2 masks say k} over pixels both label (the 1.1/1.2 "
+        "conflicts that reached the labels); 1.1 vs 1.2 = the same between the 1.1 masks' map and the 1.2 masks' "
+        "map (every conflict); mask IoU = IoU of the 1.1 mask with the union of the same-class 1.2 masks; differ = "
+        "share of 1.1 pixels covered by 1.2 that 1.2 labels otherwise; uncovered = share of 1.1 pixels no 1.2 "
+        "mask covers. All in %; low values flag noisy classes.",
         "",
-        "| class | images | agreement | mask IoU | differ | uncovered | most confused with |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| class | images | agreement | 1.1 vs 1.2 | mask IoU | differ | uncovered | most confused with |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     detected = [c for c in stats["classes"] if c["images_detected"] or c["masks_12"]]
     key = lambda c: (c["agreement"] if c["agreement"] is not None else 2.0, c["name"])  # noqa: E731
     for c in sorted(detected, key=key):
         conf = f"{c['confused_with']} ({_fmt(c['confused_fraction'], True)} %)" if c["confused_with"] else ""
         lines.append(f"| {c['name']} | {c['images_detected']} | {_fmt(c['agreement'], True)} | "
-                     f"{_fmt(c['mask_iou'], True)} | {_fmt(c['label_differ'], True)} | "
+                     f"{_fmt(c['agreement_11_12'], True)} | {_fmt(c['mask_iou'], True)} | {_fmt(c['label_differ'], True)} | "
                      f"{_fmt(c['uncovered_12'], True)} | {conf} |")
     lines += [
         "",
@@ -432,22 +449,25 @@ def _png(fig) -> bytes:
 
 
 def agreement_chart(stats: dict) -> bytes:
-    """Horizontal bars per class (agreement and mask IoU), worst agreement at the top; legend above the axes."""
+    """Horizontal bars per class (agreement, 1.1 vs 1.2, mask IoU), worst agreement at the top; legend above the
+    axes, so it never covers a bar."""
     plt = _pyplot()
     rows = [c for c in stats["classes"] if c["agreement"] is not None or c["mask_iou"] is not None]
     rows.sort(key=lambda c: (c["agreement"] if c["agreement"] is not None else 2.0, c["name"]), reverse=True)
     n = max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.32 * n))
+    fig, ax = plt.subplots(figsize=(7.5, 1.4 + 0.4 * n))
     y = np.arange(len(rows))
     val = lambda c, k: 100 * c[k] if c[k] is not None else 0.0  # noqa: E731
-    ax.barh(y + 0.2, [val(c, "agreement") for c in rows], height=0.4, color="#1f77b4", label="agreement")
-    ax.barh(y - 0.2, [val(c, "mask_iou") for c in rows], height=0.4, color="#ff7f0e", label="mask IoU")
+    for off, key, colour, name in ((0.27, "agreement", "#1f77b4", "agreement (label map vs 1.2)"),
+                                   (0.0, "agreement_11_12", "#2ca02c", "1.1 map vs 1.2 map"),
+                                   (-0.27, "mask_iou", "#ff7f0e", "mask IoU (1.1 mask vs 1.2 union)")):
+        ax.barh(y + off, [val(c, key) for c in rows], height=0.27, color=colour, label=name)
     ax.set_yticks(y, [c["name"] for c in rows])
     ax.set_xlim(0, 100)
     ax.set_xlabel("% (Stage 1.1 vs Stage 1.2)")
     ax.set_ylim(-0.6, len(rows) - 0.4)
     # Above the axes, outside the bars' area.
-    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, frameon=False)
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, frameon=False, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 

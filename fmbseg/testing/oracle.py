@@ -186,7 +186,7 @@ class OracleClip:
 
 
 def _check_similar(similar: dict[tuple[str, str], float] | None) -> dict[tuple[str, str], float]:
-    """Validate `similar`: palette-name pairs, each colour in at most one pair, cosines in [0, 1)."""
+    """Validate `similar`: palette-name pairs, each colour in at most one pair, cosines in [0, 1] (1: the same vector)."""
     out: dict[tuple[str, str], float] = {}
     used: set[str] = set()
     for pair, rho in (similar or {}).items():
@@ -201,8 +201,8 @@ def _check_similar(similar: dict[tuple[str, str], float] | None) -> dict[tuple[s
             used.add(n)
         if a == b:
             raise ValueError(f"similar: pair {pair!r} names one colour twice")
-        if not (isinstance(rho, (int, float)) and 0.0 <= float(rho) < 1.0):
-            raise ValueError(f"similar: cosine of {pair!r} must lie in [0, 1), got {rho!r}")
+        if not (isinstance(rho, (int, float)) and 0.0 <= float(rho) <= 1.0):
+            raise ValueError(f"similar: cosine of {pair!r} must lie in [0, 1], got {rho!r}")
         out[(a, b)] = float(rho)
     return out
 
