@@ -35,6 +35,7 @@ IM0 = [
     ("1.2", 0, 0.6875, (0, 2), (0, 2), True),   # a: 4 px inside the 1.1 a mask
     ("1.2", 1, 0.5625, (0, 4), (2, 4), False),  # b: cols 2-3 (8 px), not in the 75 % draw
     ("1.2", 1, 0.4375, (2, 4), (4, 6), True),   # b: 4 px inside the 1.1 b mask
+    ("1.2", 0, 0.875, (2, 4), (0, 2), True),    # a: 4 px inside the 1.1 b mask, outscoring it in the merge
 ]
 
 
@@ -59,7 +60,7 @@ def write_hand_campaign(url) -> CampaignRoot:
     packed = PackedLabels()
     packed.add("im0.png", label0)
     packed.add("im1.png", np.full((2, 2), 65535, np.uint16))
-    rows = [{"image_id": "im0.png", "path": "/in/im0.png", "status": "ok", "height": 4, "width": 6, "n_masks": 5},
+    rows = [{"image_id": "im0.png", "path": "/in/im0.png", "status": "ok", "height": 4, "width": 6, "n_masks": 6},
             {"image_id": "im1.png", "path": "/in/im1.png", "status": "ok", "height": 2, "width": 2, "n_masks": 0},
             {"image_id": "im2.png", "path": "/in/im2.png", "status": "failed", "error": "truncated: x", "n_masks": 0}]
     commit_shard(root, sid, m.stage1_hash(), images_table(rows, VOCAB), masks_table(cols, VOCAB), packed,
@@ -77,28 +78,35 @@ def test_hand_campaign_figures(hand_campaign):
     a, b, c = s["classes"]
     assert (s["images"], s["images_ok"], s["images_failed"], s["images_no_detection"]) == (3, 2, 1, 1)
     # merged map of im0: rows 0-1 cols 0-3 a, rows 2-3 b, rows 0-1 cols 4-5 ignore; im1 all ignore
+    # maps of im0 (rows 0-1 / rows 2-3; "." = ignore):
+    #   label map (selected masks, increasing score): a a a a . . / a a b b b b
+    #   1.1 map (every 1.1 mask):                     a a a a . . / b b b b b b
+    #   1.2 map (every 1.2 mask):                     a a b b . . / a a b b b b
+    # im1 (2 x 2) is all ignore
     assert (s["pixels"], s["labelled_pixels"]) == (28, 20) and s["coverage"] == pytest.approx(20 / 28)
-    assert (a["label_pixels"], b["label_pixels"], c["label_pixels"]) == (8, 12, 0)
+    assert (a["label_pixels"], b["label_pixels"], c["label_pixels"]) == (12, 8, 0)
     assert s["never_detected"] == ["c"]
     assert [x["images_detected"] for x in (a, b, c)] == [1, 1, 0]
-    assert [(x["masks_11"], x["masks_12"], x["selected_12"]) for x in (a, b, c)] == [(1, 1, 1), (1, 2, 1), (0, 0, 0)]
+    assert [(x["masks_11"], x["masks_12"], x["selected_12"]) for x in (a, b, c)] == [(1, 2, 2), (1, 2, 1), (0, 0, 0)]
     assert (a["area_mean_11"], a["area_median_11"], a["area_frac_mean_11"]) == (8, 8, pytest.approx(8 / 24))
-    assert (b["area_mean_12"], b["area_median_12"]) == (6, 6)
+    assert (a["area_mean_12"], b["area_mean_12"], b["area_median_12"]) == (4, 6, 6)
     assert b["area_frac_mean_12"] == pytest.approx(0.25) and b["area_frac_median_12"] == pytest.approx(0.25)
     assert c["area_mean_11"] is None and c["area_median_12"] is None
-    # 1.2 map (every 1.2 mask, increasing score): rows 0-1: a a b b . . / rows 2-3: . . b b b b
-    # 1.1 map: rows 0-1: a a a a . . / rows 2-3: b b b b b b
-    # a: 1.1 mask 8 px, 1.2 union 4 px inside it -> mask IoU 4/8; 4 of its 8 pixels are b in the 1.2 map
-    assert a["mask_iou"] == pytest.approx(0.5)
+    # a: 1.1 mask 8 px; 1.2 union 8 px (cols 0-1), 4 in common -> mask IoU 4 / 12; half its pixels are b in 1.2
+    assert a["mask_iou"] == pytest.approx(1 / 3)
     assert (a["label_differ"], a["uncovered_12"]) == (pytest.approx(0.5), 0.0)
     assert (a["confused_with"], a["confused_fraction"]) == ("b", pytest.approx(0.5))
-    # b: 1.1 mask 12 px, 1.2 union 12 px (cols 2-3 all rows + rows 2-3 cols 4-5), 8 in common -> 8 / 16
+    # b: 1.1 mask 12 px; 1.2 union 12 px (cols 2-3 + rows 2-3 cols 4-5), 8 in common -> 8 / 16; 4 of 12 are a
     assert b["mask_iou"] == pytest.approx(0.5)
-    assert (b["label_differ"], b["uncovered_12"], b["confused_with"]) == (0.0, pytest.approx(4 / 12), None)
-    # agreement over pixels both maps label (16): a: 4 / (8 + 4 - 4); b: 8 / (8 + 12 - 8)
-    assert a["agreement"] == pytest.approx(0.5) and b["agreement"] == pytest.approx(8 / 12)
+    assert (b["label_differ"], b["uncovered_12"]) == (pytest.approx(1 / 3), 0.0)
+    assert (b["confused_with"], b["confused_fraction"]) == ("a", pytest.approx(1 / 3))
+    # label map vs 1.2 map, over the 20 pixels both label: a 8 / (12 + 8 - 8), b 8 / (8 + 12 - 8)
+    assert a["agreement"] == pytest.approx(2 / 3) and b["agreement"] == pytest.approx(2 / 3)
+    assert s["agreement_pixels"] == 20 and s["overall_agreement"] == pytest.approx(16 / 20)
+    # 1.1 map vs 1.2 map: a 4 / (8 + 8 - 4), b 8 / (12 + 12 - 8)
+    assert a["agreement_11_12"] == pytest.approx(1 / 3) and b["agreement_11_12"] == pytest.approx(0.5)
+    assert s["overall_agreement_11_12"] == pytest.approx(12 / 20)
     assert c["agreement"] is None and c["mask_iou"] is None and c["label_differ"] is None
-    assert s["agreement_pixels"] == 16 and s["overall_agreement"] == pytest.approx(12 / 16)
     # histograms: one count per mask in the bin of its score
     h = dense_hist(b["score_hist_12"], SCORE_BINS)
     # bins of width 2/400 from -1: 0.4375 -> bin 287 ([0.435, 0.44)), 0.5625 -> bin 312 ([0.56, 0.565))
@@ -150,7 +158,7 @@ def test_cli_writes_report(hand_campaign, tmp_path, capsys):
     for png in ("agreement.png", "scores_1.png", "sam_scores_1.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     s = json.loads((out / "stats.json").read_text())
-    assert s["classes"][0]["agreement"] == 0.5 and s["vocabulary"] == VOCAB
+    assert s["classes"][0]["agreement"] == pytest.approx(2 / 3) and s["vocabulary"] == VOCAB
     md = (out / "stats.md").read_text()
-    assert "| a | 1 | 50.0 | 50.0 | 50.0 | 0.0 | b (50.0 %) |" in md and "Never detected: c." in md
+    assert "| a | 1 | 66.7 | 33.3 | 33.3 | 50.0 | 0.0 | b (50.0 %) |" in md and "Never detected: c." in md
     assert main(["stats", "--campaign", str(tmp_path / "missing"), "--out", str(out)]) == 2
