@@ -462,6 +462,9 @@ def agreement_chart(stats: dict) -> bytes:
                                    (0.0, "agreement_11_12", "#2ca02c", "1.1 map vs 1.2 map"),
                                    (-0.27, "mask_iou", "#ff7f0e", "mask IoU (1.1 mask vs 1.2 union)")):
         ax.barh(y + off, [val(c, key) for c in rows], height=0.27, color=colour, label=name)
+        for yi, c in zip(y, rows):
+            if c[key] is None:  # no pixel to compare: say so rather than draw an empty bar that reads as 0 %
+                ax.text(1, yi + off, "n/a", va="center", fontsize=7, color=colour)
     ax.set_yticks(y, [c["name"] for c in rows])
     ax.set_xlim(0, 100)
     ax.set_xlabel("% (Stage 1.1 vs Stage 1.2)")
