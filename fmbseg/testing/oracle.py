@@ -5,6 +5,12 @@ and bookkeeping logic is scored where the right answer is known.
 - CLIP-oracle: a patch's embedding is sum_c (fraction of its pixels whose nearest palette colour is c) * e_c with
   e_c orthonormal in D = 32 dims; a crop's CLS the same over the whole crop; the text "a photo of a {name}." is
   e_name (the template is parsed back out of the sentence), an unknown name a unit vector seeded by sha256(name).
+  Confusable classes (off by default, for the label-quality diagnostics): `similar={("orange", "yellow"): 0.95}`
+  tilts e_yellow towards e_orange so that their cosine is 0.95 (images and texts alike, as for two near-synonyms
+  in a real CLIP), and `noise=s` adds Gaussian noise of norm about s to every patch and CLS embedding before
+  normalisation, seeded by the pixels given (the same crop always gets the same noise), one noise vector per
+  block of `noise_block` x `noise_block` patches. Without noise a patch is
+  still nearest to its own colour's text; with it, similar classes get mixed up, more so the closer they are.
 - SAM-oracle: `embed` labels the 4-connected same-colour regions once; point prompts give the union of the regions
   containing the points (three multimask outputs, predicted IoU 0.95 / 0.90 / 0.85); automatic generation gives
   every region of allowed area hit by a grid point (SAM's `build_point_grid`), predicted IoU 0.95, stability 1.0.
@@ -54,7 +60,8 @@ class OracleClip:
     weights_sha256 = None
 
     def __init__(self, device: torch.device, input_size: int = 224, patch_size: int = 16, embed_dim: int = 32,
-                 dense_mode: str = "maskclip"):
+                 dense_mode: str = "maskclip", similar: dict[tuple[str, str], float] | None = None,
+                 noise: float = 0.0, noise_block: int = 1):
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
         if embed_dim < NUM_COLOURS:
@@ -67,7 +74,23 @@ class OracleClip:
         self.dense_mode = dense_mode
         g = torch.Generator().manual_seed(ORACLE_SEED)
         q, _ = torch.linalg.qr(torch.randn(embed_dim, embed_dim, generator=g, dtype=torch.float64))
-        self.colour_vectors = q[:, :NUM_COLOURS].T.contiguous().float().to(device)  # (12, D) orthonormal rows
+        vectors = q[:, :NUM_COLOURS].T.contiguous()  # (12, D) orthonormal rows
+        self.similar = _check_similar(similar)
+        for (a, b), rho in self.similar.items():
+            # e_b' = rho e_a + sqrt(1 - rho^2) e_b: unit norm, cosine rho with e_a, still orthogonal to the rest.
+            ia, ib = PALETTE_NAMES.index(a), PALETTE_NAMES.index(b)
+            vectors[ib] = rho * vectors[ia] + np.sqrt(1.0 - rho * rho) * vectors[ib]
+        if not (isinstance(noise, (int, float)) and np.isfinite(noise) and noise >= 0):
+            raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+        self.noise = float(noise)
+        if not (isinstance(noise_block, int) and noise_block >= 1):
+            raise ValueError(f"noise_block must be an int >= 1 (patches), got {noise_block!r}")
+        self.noise_block = noise_block
+        if self.similar or self.noise:
+            # Campaigns record the model id: a confusable oracle must not pass for the exact one.
+            pairs = ",".join(f"{a}~{b}={rho:g}" for (a, b), rho in sorted(self.similar.items()))
+            self.model_id = f"oracle-clip/similar[{pairs}]/noise={self.noise:g}x{noise_block}"
+        self.colour_vectors = vectors.float().to(device)  # (12, D) unit rows (orthonormal by default)
         self._text_cache: dict[tuple, torch.Tensor] = {}
 
     def _word_vector(self, word: str) -> torch.Tensor:
@@ -121,7 +144,29 @@ class OracleClip:
         frac = counts.reshape(B, h, w, NUM_COLOURS).float() / (P * P)
         dense = frac @ self.colour_vectors
         cls = frac.mean((1, 2)) @ self.colour_vectors
+        if self.noise:
+            dense_noise, cls_noise = self._noise(x, (h, w))
+            dense = dense + dense_noise
+            cls = cls + cls_noise
         return F.normalize(cls, dim=-1), F.normalize(dense, dim=-1)
+
+    def _noise(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise of expected norm `self.noise` per patch (B, h, w, D) and per image (B, D), seeded by each image's
+        uint8 pixels, never by call order or batch composition."""
+        D = self.embed_dim
+        levels = (x * 255.0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        dense, cls = [], []
+        b = self.noise_block
+        coarse = (-(-hw[0] // b), -(-hw[1] // b))
+        for img in levels:
+            g = torch.Generator().manual_seed(_seed_of(b"oracle-clip-noise:", str(img.shape).encode(), img.tobytes()))
+            # One vector per block of b x b patches: spatially correlated errors, which pooling does not average
+            # away (as a real CLIP's errors on a whole object).
+            field = torch.randn(*coarse, D, generator=g)
+            dense.append(field.repeat_interleave(b, 0).repeat_interleave(b, 1)[: hw[0], : hw[1]])
+            cls.append(torch.randn(D, generator=g))
+        scale = self.noise / np.sqrt(D)
+        return scale * torch.stack(dense).to(x.device), scale * torch.stack(cls).to(x.device)
 
     def encode_crops(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) in [0, 1] -> cls (B, D), dense (B, S/P, S/P, D), both L2-normalised float32."""
@@ -138,6 +183,28 @@ class OracleClip:
             raise ValueError(f"encode_dense: H and W must be multiples of {self.patch_size}, "
                              f"got {tuple(images.shape[2:])}")
         return self._embed(images)[1]
+
+
+def _check_similar(similar: dict[tuple[str, str], float] | None) -> dict[tuple[str, str], float]:
+    """Validate `similar`: palette-name pairs, each colour in at most one pair, cosines in [0, 1] (1: the same vector)."""
+    out: dict[tuple[str, str], float] = {}
+    used: set[str] = set()
+    for pair, rho in (similar or {}).items():
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise ValueError(f"similar: keys must be (name, name) pairs, got {pair!r}")
+        a, b = (str(n).strip().lower() for n in pair)
+        for n in (a, b):
+            if n not in PALETTE_NAMES:
+                raise ValueError(f"similar: {n!r} is not a palette colour; the palette is {list(PALETTE_NAMES)}")
+            if n in used:
+                raise ValueError(f"similar: {n!r} appears in two pairs (each colour may be in one pair only)")
+            used.add(n)
+        if a == b:
+            raise ValueError(f"similar: pair {pair!r} names one colour twice")
+        if not (isinstance(rho, (int, float)) and 0.0 <= float(rho) <= 1.0):
+            raise ValueError(f"similar: cosine of {pair!r} must lie in [0, 1], got {rho!r}")
+        out[(a, b)] = float(rho)
+    return out
 
 
 @dataclass
@@ -274,8 +341,12 @@ class OracleDino:
         return feats + self.noise * torch.stack(noise).to(self.device)
 
 
-def build_oracle_clip(device: str | torch.device = "cpu", dense_mode: str = "maskclip") -> OracleClip:
-    return OracleClip(resolve_device(device), dense_mode=dense_mode)
+def build_oracle_clip(device: str | torch.device = "cpu", dense_mode: str = "maskclip",
+                      similar: dict[tuple[str, str], float] | None = None, noise: float = 0.0,
+                      noise_block: int = 1) -> OracleClip:
+    """The CLIP-oracle; `similar`, `noise` and `noise_block` make some classes confusable (default: exact)."""
+    return OracleClip(resolve_device(device), dense_mode=dense_mode, similar=similar, noise=noise,
+                      noise_block=noise_block)
 
 
 def build_oracle_sam(device: str | torch.device = "cpu") -> OracleSam:
