@@ -4,7 +4,12 @@
 - every input image ends as exactly one `images` row; an exception in one image (undecodable file or a bug in
   the per-image algorithm) makes that image's row `failed` with the reason and never stops the shard;
 - a shard is skipped when its done marker carries the campaign's Stage-1 config hash; a changed Stage-1 config
-  is refused with the differing fields named, unless `overwrite` (then every shard is relabelled);
+  (or another input folder) is refused with the differing fields named, unless `overwrite`: then the campaign's
+  Stage-1 outputs are removed and it is planned afresh, exactly as a new campaign would be;
+- shards commit through the attempt protocol of storage/shard_writer.py (docs/STORAGE.md): any number of
+  concurrent writers of one shard end with one complete shard; a read-only campaign fails before compute;
+- image paths outside the image root (COCO `../`, absolute names, symlinks leading out) are refused per image
+  (a `failed` row) unless the campaign allows them (`allow_outside_root`);
 - `retry_failed` recomputes done shards that have failed images (the whole shard, so its files stay consistent);
 - workers split shards by `shard_id % world_size == rank`; outputs do not depend on the split.
 """
@@ -24,13 +29,16 @@ import fmbseg
 from fmbseg.images import ImageDecodeError, load_image
 from fmbseg.vocab import Vocabulary, parse_vocab
 from stages import models_cache
+from storage import faults
 from storage.campaign import CampaignManifest, differing_fields, read_manifest, write_manifest
 from storage.fs import CampaignRoot
 from storage.labels import PackedLabels
-from storage.markers import read_done, remove_done
-from storage.planning import append_shards, list_inputs, planned_shards, read_shard
+from storage.maintenance import reset_stage1_outputs
+from storage.markers import CorruptMarker, read_done, read_done_or_none, scan_markers
+from storage.planning import (PlanDamaged, append_shards, damaged_lists, input_root, list_inputs, outside_root,
+                              read_shard)
 from storage.reader import CampaignReader
-from storage.shard_writer import commit_shard
+from storage.shard_writer import commit_shard, needs_publish, publish, uncommit
 from storage.tables import encode_masks, images_table, masks_table
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,7 @@ class LabelConfig:
     image_root: str | None = None
     stage1: dict = field(default_factory=dict)
     overwrite: bool = False
+    allow_outside_root: bool = False  # read COCO file names that leave the image root (`../`, absolute, symlinks)
 
 
 # -- Stage-1 config ---------------------------------------------------------------------------------------------
@@ -99,6 +108,7 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
         raise ValueError(f"no image files (.jpg .jpeg .png .webp .bmp .tif .tiff) under {cfg.images}")
     clip, sam = models_cache.get_models(cfg.preset, cfg.device, stage1.dense_mode)
     local = "://" not in cfg.images
+    image_root = input_root(cfg.images, cfg.image_root)
     manifest = CampaignManifest(
         stage1=stage1.to_dict(),
         vocabulary=vocab.to_json(),
@@ -110,26 +120,39 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
             "images": os.path.abspath(cfg.images) if local else cfg.images,
             "image_root": (os.path.abspath(cfg.image_root) if cfg.image_root and "://" not in cfg.image_root
                            else cfg.image_root),
+            "root": image_root,  # shard lists store paths relative to this
+            "allow_outside_root": bool(cfg.allow_outside_root),
         },
     )
     root = CampaignRoot(cfg.campaign)
     old = read_manifest(root)
-    if old is not None and not cfg.overwrite:
+    if old is not None:
         diff = differing_fields(old, manifest)
-        if diff:
+        moved = (old.inputs.get("images") != manifest.inputs["images"]
+                 or old.inputs.get("image_root") != manifest.inputs["image_root"])
+        if (diff or moved) and cfg.overwrite:
+            # Exactly what a fresh campaign would be: no shard list, part or marker of the old run survives
+            # (a list's image ids could collide with the new inputs'; old parts have the old vocabulary).
+            reset_stage1_outputs(root)
+            old = None
+        elif diff:
             raise ValueError(
                 f"campaign {cfg.campaign} was labelled with another Stage-1 config ({'; '.join(diff)}); "
-                "use another --campaign directory, or --overwrite to relabel every shard"
+                "use another --campaign directory, or --overwrite to relabel it from scratch"
             )
-        if old.inputs.get("images") != manifest.inputs["images"] or old.inputs.get("image_root") != manifest.inputs["image_root"]:
+        elif moved:
             raise ValueError(
                 f"campaign {cfg.campaign} was planned from --images {old.inputs.get('images')} "
                 f"(--image-root {old.inputs.get('image_root')}), not {manifest.inputs['images']} "
-                f"(--image-root {manifest.inputs['image_root']}); use another --campaign directory, or --overwrite"
+                f"(--image-root {manifest.inputs['image_root']}); if the same images moved, repoint the campaign "
+                f"with `fmbseg label --campaign {cfg.campaign} --relocate NEW_ROOT`; otherwise use another "
+                "--campaign directory, or --overwrite to relabel it from scratch"
             )
+        elif old.inputs.get("root") is None:
+            manifest.inputs["root"] = None  # planned before relative paths: its lists hold absolute paths
     if old is None or old.to_json() != manifest.to_json():
         write_manifest(root, manifest)
-    shard_ids, _ = append_shards(root, entries, cfg.shard_size)
+    shard_ids, _ = append_shards(root, entries, cfg.shard_size, manifest.inputs["root"])
     return shard_ids
 
 
@@ -152,6 +175,23 @@ def _failure(entry, reason: str, kind: str, hw: tuple[int, int] | None) -> dict:
             "height": hw[0] if hw else None, "width": hw[1] if hw else None, "n_masks": 0, "_kind": kind}
 
 
+def _refuse_outside_root(entries, manifest: CampaignManifest) -> dict[str, dict]:
+    """image_id -> the `failed` row of every entry whose path leaves the campaign's image root."""
+    inputs = manifest.inputs
+    if inputs.get("allow_outside_root"):
+        return {}
+    base = inputs.get("root") or (input_root(inputs["images"], inputs.get("image_root")) if inputs.get("images") else None)
+    if not base:
+        return {}
+    out = {}
+    for e in entries:
+        why = outside_root(e.path, base)
+        if why:
+            out[e.image_id] = _failure(e, f"refused: {why} ({base}); relabel with --allow-outside-root to read it",
+                                       "outside image root", None)
+    return out
+
+
 def label_shard(
     campaign: str,
     shard_id: int,
@@ -168,11 +208,24 @@ def label_shard(
     if manifest is None:
         raise FileNotFoundError(f"no campaign at {campaign} (campaign.json missing): run plan_campaign first")
     stage1_hash = manifest.stage1_hash()
-    marker = read_done(root, shard_id)
+    corrupt = False
+    try:
+        marker = read_done(root, shard_id)
+    except CorruptMarker as e:  # commits nothing: relabel the shard (its marker is replaced at commit)
+        log.warning("%s; relabelling shard %d", e, shard_id)
+        marker, corrupt = None, True
     if marker is not None and marker.stage1_hash == stage1_hash and not (retry_failed and marker.failed):
+        if needs_publish(root, marker):
+            publish(root, marker)  # roll forward a publish that a crash interrupted
         return {"shard_id": shard_id, "images": marker.images, "ok": marker.ok, "failed": marker.failed,
                 "masks": marker.masks, "seconds": 0.0, "skipped": True}
+    root.check_writable()  # a read-only campaign fails here, not after the shard's compute
+    faults.checkpoint("computing")
     entries = read_shard(root, shard_id)
+    # Paths that leave the image root are refused per image (a failed row) unless the campaign allows them.
+    order = {e.image_id: i for i, e in enumerate(entries)}
+    refused = _refuse_outside_root(entries, manifest)
+    entries = [e for e in entries if e.image_id not in refused]
     from fmbseg.stage1 import run_stage1
 
     config = stage1_config_from_manifest(manifest)
@@ -185,8 +238,9 @@ def label_shard(
         )
     vocab = Vocabulary.from_json(manifest.vocabulary)
     text = models_cache.text_embeddings(clip, vocab, config.templates)
-    if marker is not None:
-        remove_done(root, shard_id)  # readers must not see a committed shard while its files are rewritten
+    if marker is not None or corrupt:
+        # A deliberate relabel (retry, another config, a corrupt marker): out of the committed view first.
+        uncommit(root, shard_id, expect=marker)
 
     t_start = time.perf_counter()
     timings = dict.fromkeys(TIMING_KEYS, 0.0)
@@ -247,6 +301,8 @@ def label_shard(
         if on_image is not None:
             on_image(n_masks, n_failed)
     t_store = time.perf_counter()
+    if refused:
+        rows = sorted([*rows, *refused.values()], key=lambda r: order[r["image_id"]])
     failure_reasons = Counter(r.pop("_kind") for r in rows if "_kind" in r)
     names = list(vocab.names)
     marker = commit_shard(root, shard_id, stage1_hash, images_table(rows, names), masks_table(cols, names), labels,
@@ -269,7 +325,7 @@ def run_label(cfg: LabelConfig, rank: int = 0, world_size: int = 1, retry_failed
     stage1_hash = read_manifest(root).stage1_hash()
     todo = []
     for sid in mine:
-        marker = read_done(root, sid)
+        marker = read_done_or_none(root, sid)
         if marker is None or marker.stage1_hash != stage1_hash or (retry_failed and marker.failed):
             todo.append(sid)
     n_todo = sum(len(read_shard(root, sid)) for sid in todo)
@@ -339,10 +395,14 @@ def format_label_summary(s: dict) -> str:
 
 # -- status -----------------------------------------------------------------------------------------------------
 def campaign_status(campaign: str) -> dict:
-    """Done/total shards, images ok/failed with the commonest failure kinds, masks per class (from done markers)."""
+    """Done/total shards, images ok/failed with the commonest failure kinds, masks per class (from done markers),
+    and the damage a cheap look can see (corrupt markers or shard lists, lost lists, markers of another config,
+    unfinished publishes), each with its repair. File hashes are checked by `fmbseg verify`."""
     reader = CampaignReader(campaign)
+    root = reader.root
     planned = reader.shards()
-    done = reader.done()
+    good, corrupt = scan_markers(root)
+    done = {sid: m for sid, m in good.items() if m.stage1_hash == reader.stage1_hash}
     reasons: Counter = Counter()
     per_class: Counter = Counter()
     selected: Counter = Counter()
@@ -350,13 +410,28 @@ def campaign_status(campaign: str) -> dict:
         reasons.update(m.failure_reasons)
         per_class.update(m.masks_per_class)
         selected.update(m.selected_per_class)
+    problems = [f"{e.rel}: {e.reason}" for e in corrupt.values()]
+    problems += [f"shards/{sid:06d}.json: {why}" for sid, why in damaged_lists(root).items()]
+    stale = [sid for sid, m in good.items() if m.stage1_hash != reader.stage1_hash]
+    if stale:
+        problems.append(f"{len(stale)} done marker(s) of another Stage-1 config (shards {stale[:5]})")
+    unpublished = [sid for sid, m in done.items() if needs_publish(root, m)]
+    if unpublished:
+        problems.append(f"{len(unpublished)} committed shard(s) not fully published (shards {unpublished[:5]}); "
+                        "readers use the staged copy")
+    images_planned = 0
+    for sid in planned:
+        try:
+            images_planned += len(reader.shard_images(sid))
+        except (PlanDamaged, ValueError):
+            pass
     return {
         "campaign": campaign,
         "preset": reader.manifest.preset,
         "classes": len(reader.vocabulary),
         "shards_total": len(planned),
         "shards_done": len(done),
-        "images_planned": sum(len(reader.shard_images(s)) for s in planned),
+        "images_planned": images_planned,
         "images_done": sum(m.images for m in done.values()),
         "images_ok": sum(m.ok for m in done.values()),
         "images_failed": sum(m.failed for m in done.values()),
@@ -364,6 +439,7 @@ def campaign_status(campaign: str) -> dict:
         "masks": sum(m.masks for m in done.values()),
         "masks_per_class": dict(per_class.most_common()),
         "selected_per_class": dict(selected.most_common()),
+        "problems": problems,
     }
 
 
@@ -383,4 +459,11 @@ def format_status(s: dict) -> str:
             lines.append(f"  {name:<{width}}  {n:>8}  ({s['selected_per_class'].get(name, 0)} in label maps)")
         if len(s["masks_per_class"]) > 20:
             lines.append(f"  ... {len(s['masks_per_class']) - 20} more classes")
+    for p in s.get("problems", []):
+        lines.append(f"problem   {p}")
+    if s.get("problems"):
+        lines.append(f"recover   fmbseg verify --campaign {s['campaign']} --repair, then fmbseg label again "
+                     "(redoes only the dropped shards)")
+    else:
+        lines.append(f"integrity fmbseg verify --campaign {s['campaign']} checks every file against its done marker")
     return "\n".join(lines)
