@@ -98,8 +98,8 @@ def load_image(
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
-            head = data[:12]
-            raise ImageDecodeError("not an image", f"unrecognised file content (starts with {head!r})") from None
+            # Never quote the bytes: an error column must not leak a secret file's content (issue 13.8).
+            raise ImageDecodeError("not an image", f"unrecognised file content ({len(data)} bytes)") from None
         except Image.DecompressionBombError as e:
             raise ImageDecodeError("too large", str(e)) from None
         except Exception as e:  # malformed headers surface as many exception types

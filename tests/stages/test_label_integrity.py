@@ -189,18 +189,21 @@ def test_coco_names_outside_the_image_root_are_refused_per_image(world, tmp_path
     shutil.copy(src[1], tmp_path / "outside.png")
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"TOPSECRET token=hunter2\n")
+    (root / "notes.png").write_bytes(b"TOPSECRET inside the root\n")  # read (inside), fails, content not quoted
     os.symlink(secret, root / "link.png")
     coco = {"images": [{"id": 1, "file_name": "inside.png"}, {"id": 2, "file_name": "../outside.png"},
-                       {"id": 3, "file_name": str(secret)}, {"id": 4, "file_name": "link.png"}]}
+                       {"id": 3, "file_name": str(secret)}, {"id": 4, "file_name": "link.png"},
+                       {"id": 5, "file_name": "notes.png"}]}
     (root / "ann.json").write_text(json.dumps(coco))
     vocab = str(world / "world" / "classes.txt")
     run_label(cfg(root / "ann.json", tmp_path / "c", vocab), progress=False)  # image root: the JSON's folder
     rows = {r["image_id"]: r for r in CampaignReader(tmp_path / "c").images().to_pylist()}
-    assert [rows[i]["status"] for i in "1234"] == ["ok", "failed", "failed", "failed"]
+    assert [rows[i]["status"] for i in "12345"] == ["ok", "failed", "failed", "failed", "failed"]
+    assert rows["5"]["error"].startswith("not an image: ")
     assert "leaves the image root" in rows["2"]["error"] and "leaves the image root" in rows["3"]["error"]
     assert "symbolic link" in rows["4"]["error"] and "--allow-outside-root" in rows["4"]["error"]
     assert not any("TOPSECRET" in (r["error"] or "") or "hunter2" in (r["error"] or "") for r in rows.values())
-    assert campaign_status(str(tmp_path / "c"))["failure_reasons"] == {"outside image root": 3}
+    assert campaign_status(str(tmp_path / "c"))["failure_reasons"] == {"outside image root": 3, "not an image": 1}
     assert "outside image root x3" in format_status(campaign_status(str(tmp_path / "c")))
     # opting out reads the image outside the root
     run_label(cfg(root / "ann.json", tmp_path / "open", vocab, allow_outside_root=True), progress=False)
