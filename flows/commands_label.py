@@ -68,8 +68,9 @@ def cmd_label(args: argparse.Namespace) -> int:
         from storage.maintenance import relocate_campaign
 
         r = relocate_campaign(args.campaign, args.relocate, images=args.images)
-        print(f"campaign   {args.campaign}: {r['images']} images found under {r['root']} with their recorded "
-              "sizes; the campaign now reads them from there")
+        print(f"campaign   {args.campaign}: {r['images']} images found under {r['root']} (sizes checked where "
+              "recorded); the campaign now reads them from there. Images that failed before the move are "
+              "relabelled by `fmbseg label ... --retry-failed`")
         return 0
     if not args.images or not args.vocab:
         raise UsageError("fmbseg label needs --images and --vocab (or --relocate NEW_ROOT)")
