@@ -38,7 +38,7 @@ from storage.markers import CorruptMarker, read_done, read_done_or_none, scan_ma
 from storage.planning import (PlanDamaged, append_shards, damaged_lists, input_root, list_inputs, outside_root,
                               read_shard)
 from storage.reader import CampaignReader
-from storage.shard_writer import commit_shard, needs_publish, publish, uncommit
+from storage.shard_writer import ShardDamaged, commit_shard, needs_publish, publish, uncommit
 from storage.tables import encode_masks, images_table, masks_table
 
 log = logging.getLogger(__name__)
@@ -215,10 +215,14 @@ def label_shard(
         log.warning("%s; relabelling shard %d", e, shard_id)
         marker, corrupt = None, True
     if marker is not None and marker.stage1_hash == stage1_hash and not (retry_failed and marker.failed):
-        if needs_publish(root, marker):
-            publish(root, marker)  # roll forward a publish that a crash interrupted
-        return {"shard_id": shard_id, "images": marker.images, "ok": marker.ok, "failed": marker.failed,
-                "masks": marker.masks, "seconds": 0.0, "skipped": True}
+        try:
+            if needs_publish(root, marker):
+                publish(root, marker)  # roll forward a publish that a crash interrupted
+            return {"shard_id": shard_id, "images": marker.images, "ok": marker.ok, "failed": marker.failed,
+                    "masks": marker.masks, "seconds": 0.0, "skipped": True}
+        except ShardDamaged as e:  # committed, but neither public nor staged files match: relabel it
+            log.warning("%s; relabelling shard %d", e, shard_id)
+            corrupt = True
     root.check_writable()  # a read-only campaign fails here, not after the shard's compute
     faults.checkpoint("computing")
     entries = read_shard(root, shard_id)
@@ -239,7 +243,7 @@ def label_shard(
     vocab = Vocabulary.from_json(manifest.vocabulary)
     text = models_cache.text_embeddings(clip, vocab, config.templates)
     if marker is not None or corrupt:
-        # A deliberate relabel (retry, another config, a corrupt marker): out of the committed view first.
+        # A deliberate relabel (retry, another config, a corrupt marker or shard): out of the committed view first.
         uncommit(root, shard_id, expect=marker)
 
     t_start = time.perf_counter()
