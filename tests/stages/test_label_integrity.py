@@ -94,6 +94,14 @@ def test_two_label_processes_on_one_shard_and_kill_after_commit(world, tmp_path)
                         progress=False)
     assert summary["shards_skipped"] == 1
     assert_clean_and_equal(tmp_path / "k", world / "reference")
+    # a committed shard whose publish cannot be finished (public part deleted, staged copy gone too) is relabelled
+    attempt = json.loads((tmp_path / "k" / "done" / "000000.json").read_text())["attempt"]
+    (tmp_path / "k" / "_attempts" / "000000" / attempt).mkdir(parents=True)
+    (tmp_path / "k" / "masks" / "shard=000000" / "part-0.parquet").unlink()
+    summary = run_label(cfg(world / "world" / "images", tmp_path / "k", world / "world" / "classes.txt"),
+                        progress=False)
+    assert summary["shards_labelled"] == 1
+    assert_clean_and_equal(tmp_path / "k", world / "reference")
 
 
 def test_read_only_campaign_fails_before_compute(world, tmp_path, monkeypatch):

@@ -124,7 +124,10 @@ def test_kill9_at_each_point_then_recover(tmp_path, point):
     polars) see only committed rows at every moment; verify --repair (or a rerun) leaves one complete shard."""
     campaign = tmp_path / "c"
     root = make_campaign(campaign)
-    finish(writer(campaign, 0, 5, tmp_path))
+    sys.path.insert(0, str(WRITER.parent))
+    from commit_writer import main as commit_in_process
+
+    commit_in_process(str(campaign), 0, 5)  # the same code path as the writer processes, in this process
     shard0 = {(f"im{i}.png", j, 5.0) for i in (0, 1) for j in (0, 1)}
     doomed = writer(campaign, 1, 1, tmp_path, kill=point)
     doomed.communicate(timeout=60)
