@@ -23,7 +23,7 @@ from storage.layout import ATTEMPTS_DIR, done_path
 from storage.markers import read_done
 from storage.planning import ImageEntry, append_shards
 from storage.reader import CampaignReader
-from storage.shard_writer import check_shard, commit_shard
+from storage.shard_writer import ShardDamaged, check_shard, commit_shard
 from storage.verify import verify_campaign
 
 REPO = Path(__file__).resolve().parents[2]
@@ -179,3 +179,59 @@ def make_campaign_url(url: str) -> CampaignRoot:
                                           inputs={"images": "/in", "root": "/in"}))
     append_shards(root, [ImageEntry(f"im{i}.png", f"/in/im{i}.png") for i in range(2)], 2, "/in")
     return root
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 (a real HTTP endpoint s3fs talks to, not a mocked client)."""
+    import socket
+
+    pytest.importorskip("moto")
+    boto3 = pytest.importorskip("boto3")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=url, aws_access_key_id="k", aws_secret_access_key="s",
+                     region_name="us-east-1").create_bucket(Bucket="proto")
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_commit_protocol_on_s3(s3_server, monkeypatch):
+    """On S3 the commit point is one conditional PUT of the marker: a second attempt's PUT is refused (412), it
+    discards its staged objects, and a damaged part is caught and repaired exactly as locally."""
+    for k, v in dict(AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", AWS_ENDPOINT_URL=s3_server,
+                     AWS_DEFAULT_REGION="us-east-1").items():
+        monkeypatch.setenv(k, v)
+    sys.path.insert(0, str(WRITER.parent))
+    from commit_writer import shard_content
+
+    root = make_campaign_url("s3://proto/c")
+    assert root.create_exclusive("x.json", b"1") and not root.create_exclusive("x.json", b"2")
+    assert root.read_bytes("x.json") == b"1"
+    h = CampaignReader(root.url).stage1_hash
+    a = commit_shard(root, 0, h, *shard_content(root, 0, 1), failure_reasons={}, seconds=0, code_version="writer-1")
+    b = commit_shard(root, 0, h, *shard_content(root, 0, 2), failure_reasons={}, seconds=0, code_version="writer-2")
+    assert b.attempt == a.attempt and root.find(ATTEMPTS_DIR) == [] and check_shard(root, a) == []
+    assert set(CampaignReader(root.url).masks().column("score").to_pylist()) == {1.0}
+    root.fs.rm(root.full("masks/shard=000000/part-0.parquet"))
+    with pytest.raises(ShardDamaged, match="masks/shard=000000/part-0.parquet is missing"):
+        CampaignReader(root.url).masks()
+    assert verify_campaign(root, repair=True)["clean"] and CampaignReader(root.url).done() == {}
+    c = commit_shard(root, 0, h, *shard_content(root, 0, 2), failure_reasons={}, seconds=0, code_version="writer-2")
+    assert c.code_version == "writer-2" and verify_campaign(root)["problems"] == []
