@@ -415,7 +415,8 @@ def campaign_status(campaign: str) -> dict:
         per_class.update(m.masks_per_class)
         selected.update(m.selected_per_class)
     problems = [f"{e.rel}: {e.reason}" for e in corrupt.values()]
-    problems += [f"shards/{sid:06d}.json: {why}" for sid, why in damaged_lists(root).items()]
+    lost = damaged_lists(root)
+    problems += [f"shards/{sid:06d}.json: {why}" for sid, why in lost.items()]
     stale = [sid for sid, m in good.items() if m.stage1_hash != reader.stage1_hash]
     if stale:
         problems.append(f"{len(stale)} done marker(s) of another Stage-1 config (shards {stale[:5]})")
@@ -433,7 +434,7 @@ def campaign_status(campaign: str) -> dict:
         "campaign": campaign,
         "preset": reader.manifest.preset,
         "classes": len(reader.vocabulary),
-        "shards_total": len(planned),
+        "shards_total": len(set(planned) | set(lost)),  # a lost list still counts: its shard is not done
         "shards_done": len(done),
         "images_planned": images_planned,
         "images_done": sum(m.images for m in done.values()),

@@ -121,7 +121,8 @@ def test_lost_list_of_an_uncommitted_shard_is_reported_then_retired(tmp_path, ho
     entries = [ImageEntry(f"im{i}.png", f"/in/im{i}.png") for i in range(6)]
     with pytest.raises(PlanDamaged, match=r"shards/000001.json .*verify --campaign .* --repair"):
         append_shards(root, entries, 2, "/in")
-    assert "shards/000001.json" in status(tmp_path / "c")["problems"][0]
+    s = status(tmp_path / "c")
+    assert "shards/000001.json" in s["problems"][0] and (s["shards_done"], s["shards_total"]) == (2, 3)
     report = verify_campaign(root, repair=True)
     assert report["clean"] and "retired" in report["problems"][0].fix
     ids, new = append_shards(root, entries, 2, "/in")
