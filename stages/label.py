@@ -180,7 +180,9 @@ def _refuse_outside_root(entries, manifest: CampaignManifest) -> dict[str, dict]
     inputs = manifest.inputs
     if inputs.get("allow_outside_root"):
         return {}
-    base = inputs.get("root") or (input_root(inputs["images"], inputs.get("image_root")) if inputs.get("images") else None)
+    base = inputs.get("root")
+    if not base and inputs.get("images"):  # planned before relative paths
+        base = input_root(inputs["images"], inputs.get("image_root"))
     if not base:
         return {}
     out = {}

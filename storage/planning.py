@@ -279,7 +279,8 @@ def read_shard(root: CampaignRoot, shard_id: int, image_root: str | None = None)
     try:
         raw = _parse_list(root, shard_id)
     except FileNotFoundError:
-        raise FileNotFoundError(f"shard {shard_id} is not planned in {root.url} (no {shard_list_path(shard_id)})") from None
+        raise FileNotFoundError(
+            f"shard {shard_id} is not planned in {root.url} (no {shard_list_path(shard_id)})") from None
     except ValueError as e:
         raise PlanDamaged(f"{root.full_url(shard_list_path(shard_id))} is {e}; run `fmbseg verify --campaign "
                           f"{root.url} --repair`") from None

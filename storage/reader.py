@@ -132,13 +132,15 @@ class CampaignReader:
         try:
             return label_group_from_files(files)
         except Exception as e:
-            raise ShardDamaged(f"shard {shard_id}: labels.zarr group does not decode ({type(e).__name__}: {e})") from None
+            raise ShardDamaged(
+                f"shard {shard_id}: labels.zarr group does not decode ({type(e).__name__}: {e})") from None
 
     def iter_labels(self, shards: list[int] | None = None,
                     check_images: bool = False) -> Iterator[tuple[str, str, np.ndarray]]:
         """(image_id, path, label (H, W) uint16) for every ok image of the done shards, in shard order. `path` is
         where the image is now (the shard list under the campaign's current image root). With `check_images` (for
-        `train`), each image's header is read and an image whose size differs from the label map's raises `ImageChanged`."""
+        `train`), each image's header is read and an image whose size differs from the label map's raises
+        `ImageChanged`."""
         for sid in self._select(shards):
             paths = {e.image_id: e.path for e in self.shard_images(sid)}
             group = self.labels(sid)

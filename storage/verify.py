@@ -23,7 +23,8 @@ from storage.fs import CampaignRoot
 from storage.layout import ATTEMPTS_DIR, attempt_dir, attempts_dir, shard_list_path
 from storage.markers import scan_markers
 from storage.planning import damaged_lists, known_shard_ids, recover_list, stored_entries
-from storage.shard_writer import ShardDamaged, check_shard, discard_attempt, needs_publish, public_files, publish, uncommit
+from storage.shard_writer import (ShardDamaged, check_shard, discard_attempt, needs_publish, public_files, publish,
+                                  uncommit)
 
 
 @dataclass

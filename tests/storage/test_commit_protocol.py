@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pandas as pd
 import polars as pl
 import pytest

@@ -8,12 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from storage.campaign import CampaignManifest, read_manifest, write_manifest
 from storage.fs import CampaignRoot
-from storage.labels import PackedLabels, write_label_group
+from storage.labels import write_label_group
 from storage.layout import images_path, labels_group_path, masks_path
 from storage.markers import DoneMarker, write_done
 from storage.planning import ImageEntry, PlanDamaged, append_shards, planned_shards, read_shard
@@ -146,7 +145,8 @@ def test_marker_of_a_crashed_publish_is_rolled_forward_and_old_campaigns_read_as
     outputs[labels_group_path(0)] = write_label_group(root, 0, labels)
     write_done(root, DoneMarker(shard_id=0, stage1_hash=h, images=2, ok=2, failed=0, masks=4, outputs=outputs))
     reader = CampaignReader(tmp_path / "old")
-    assert list(reader.done()) == [0] and reader.masks().num_rows == 4 and reader.labels(0).image_ids == ["im0.png", "im1.png"]
+    assert list(reader.done()) == [0] and reader.masks().num_rows == 4
+    assert reader.labels(0).image_ids == ["im0.png", "im1.png"]
     assert verify_campaign(root)["problems"] == []
     next(p for p in (tmp_path / "old" / labels_group_path(0)).rglob("c/*/*/*")).unlink()
     with pytest.raises(ShardDamaged):
