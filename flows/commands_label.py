@@ -104,6 +104,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     summary = run_label(cfg, rank=args.rank, world_size=args.world_size, retry_failed=args.retry_failed,
                         progress=not args.no_progress)
     print(format_label_summary(summary))
+    if summary.get("problems"):
+        return 1  # the rest was labelled; the problem lines name the repair
     if summary["images"] and not summary["ok"]:
         import sys
 

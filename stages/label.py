@@ -36,7 +36,7 @@ from storage.labels import PackedLabels
 from storage.maintenance import reset_stage1_outputs
 from storage.markers import CorruptMarker, read_done, read_done_or_none, scan_markers
 from storage.planning import (PlanDamaged, append_shards, damaged_lists, input_root, list_inputs, outside_root,
-                              read_shard)
+                              planned_shards, read_shard)
 from storage.reader import CampaignReader
 from storage.shard_writer import ShardDamaged, commit_shard, needs_publish, publish, uncommit
 from storage.tables import encode_masks, images_table, masks_table
@@ -152,7 +152,13 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
             manifest.inputs["root"] = None  # planned before relative paths: its lists hold absolute paths
     if old is None or old.to_json() != manifest.to_json():
         write_manifest(root, manifest)
-    shard_ids, _ = append_shards(root, entries, cfg.shard_size, manifest.inputs["root"])
+    try:
+        shard_ids, _ = append_shards(root, entries, cfg.shard_size, manifest.inputs["root"])
+    except PlanDamaged as e:
+        # Not a reason to stop the campaign: label the shards that are planned; new images wait for the repair
+        # (appending now could give an image of the lost list a second shard). `run_label` reports it.
+        log.warning("%s", e)
+        shard_ids = planned_shards(root)
     return shard_ids
 
 
@@ -328,6 +334,7 @@ def run_label(cfg: LabelConfig, rank: int = 0, world_size: int = 1, retry_failed
 
     mine = shards_for_rank(plan_campaign(cfg), rank, world_size)
     root = CampaignRoot(cfg.campaign)
+    lost = damaged_lists(root)
     stage1_hash = read_manifest(root).stage1_hash()
     todo = []
     for sid in mine:
@@ -378,6 +385,8 @@ def run_label(cfg: LabelConfig, rank: int = 0, world_size: int = 1, retry_failed
         "images_per_s": round(images / seconds, 3) if seconds > 0 and images else 0.0,
         "failure_reasons": dict(reasons.most_common()),
         "timings": {k: round(v, 4) for k, v in timings.items()},
+        "problems": [f"shards/{sid:06d}.json is {why}: new images were not planned; run `fmbseg verify --campaign "
+                     f"{cfg.campaign} --repair`, then label again" for sid, why in lost.items()],
     }
 
 
@@ -393,6 +402,8 @@ def format_label_summary(s: dict) -> str:
     if s["failure_reasons"]:
         lines.append("failures   " + ", ".join(f"{k} x{n}" for k, n in list(s["failure_reasons"].items())[:5])
                      + "  (details: the `error` column of images/)")
+    for p in s.get("problems", []):
+        lines.append(f"problem    {p}")
     total = sum(s["timings"].values())
     if total > 0:
         lines.append("time split " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in s["timings"].items()))

@@ -220,3 +220,25 @@ def test_coco_names_outside_the_image_root_are_refused_per_image(world, tmp_path
     (root / "bad.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "../outside.png"}]}))
     assert main(["label", "--images", str(root / "bad.json"), "--vocab", vocab, "--campaign", str(tmp_path / "b"),
                  "--preset", "oracle", "--device", "cpu", "--no-progress"]) == 1
+
+
+def test_lost_shard_list_does_not_block_the_campaign(world, tmp_path, capsys):
+    """A lost list of a shard that never committed: the rest of the campaign is labelled, nothing is planned twice,
+    the run names the repair and exits 1; after `verify --repair` the next run plans the images once."""
+    from flows.cli import main
+
+    args = ["label", "--images", str(world / "world" / "images"), "--vocab", str(world / "world" / "classes.txt"),
+            "--campaign", str(tmp_path / "c"), "--preset", "oracle", "--device", "cpu", "--shard-size", "1",
+            "--no-progress"]
+    plan_campaign(cfg(world / "world" / "images", tmp_path / "c", world / "world" / "classes.txt", shard_size=1))
+    label_shard(str(tmp_path / "c"), 1, "cpu")
+    (tmp_path / "c" / "shards" / "000000.json").unlink()  # shard 0 never committed: its list cannot be rebuilt
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "shards/000000.json is missing" in out and "verify --campaign" in out
+    assert sorted(p.name for p in (tmp_path / "c" / "shards").iterdir()) == ["000001.json"]
+    assert main(["verify", "--campaign", str(tmp_path / "c"), "--repair"]) == 0
+    assert main(args) == 0
+    ids = pd.read_parquet(tmp_path / "c" / "images").image_id
+    assert sorted(ids) == sorted(p.name for p in (world / "world" / "images").iterdir())  # each exactly once
+    assert verify_campaign(str(tmp_path / "c"), attempts_grace_s=0)["problems"] == []
