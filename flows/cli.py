@@ -159,8 +159,10 @@ def describe_error(e: BaseException, args: argparse.Namespace | None = None) -> 
         return 1, (f"corrupt Zarr data{f' in {loc}' if loc else ''} ({type(e).__name__}: {_first_line(e)}): "
                    f"run {verify} (--repair drops the bad shard so `fmbseg label` redoes it)")
     for c in _chain(e):
-        if type(c).__name__ == "CheckpointError":
-            return 1, str(c)
+        # Damaged or changed campaign data and unwritable campaigns: their messages name the file and the repair.
+        if type(c).__name__ in ("CheckpointError", "ShardDamaged", "ImageChanged", "PlanDamaged", "CorruptMarker",
+                                "CampaignNotWritable"):
+            return 1, _first_line(c)
     if isinstance(e, json.JSONDecodeError):
         loc = _location_in_traceback(e)
         return 1, f"corrupt JSON{f' in {loc}' if loc else ''} ({_first_line(e)}): run {verify}"

@@ -15,8 +15,9 @@ def register(subparsers) -> None:
         description="Label every image not yet done: CLIP crop detection + SAM point queries (1.1), SAM "
         "automatic masks labelled by CLIP (1.2), merged label maps. Reruns skip done shards.",
     )
-    p.add_argument("--images", required=True, metavar="PATH", help="folder of images (recursive) or a COCO JSON")
-    p.add_argument("--vocab", required=True, metavar="VOCAB",
+    p.add_argument("--images", metavar="PATH", help="folder of images (recursive) or a COCO JSON (required unless "
+                   "--relocate)")
+    p.add_argument("--vocab", metavar="VOCAB",
                    help="comma-separated names, a file (`name: synonym, synonym` lines) or a built-in name")
     p.add_argument("--campaign", required=True, metavar="DIR", help="campaign directory or fsspec URL")
     p.add_argument("--preset", default="base", help="model preset: paper, base, tiny, oracle (default: base)")
@@ -27,8 +28,16 @@ def register(subparsers) -> None:
     p.add_argument("--world-size", type=int, default=1, help="number of workers sharing the campaign")
     p.add_argument("--retry-failed", action="store_true", help="relabel done shards that have failed images")
     p.add_argument("--overwrite", action="store_true",
-                   help="accept a changed Stage-1 config for this campaign (relabels every shard)")
-    p.add_argument("--image-root", metavar="DIR", help="folder the COCO JSON's file names are relative to")
+                   help="accept a changed Stage-1 config or input folder: the campaign's Stage-1 outputs are removed "
+                   "and it is labelled afresh, exactly like a new campaign")
+    p.add_argument("--image-root", metavar="DIR",
+                   help="folder the COCO JSON's file names are relative to (default: the JSON's own folder)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="read COCO file names that leave the image root (../, absolute paths, symlinks out); "
+                   "refused per image by default")
+    p.add_argument("--relocate", metavar="NEW_ROOT",
+                   help="only repoint the campaign at images that moved to NEW_ROOT (same relative paths; every "
+                   "image checked by size), then exit")
     p.add_argument("--dense-mode", default="maskclip", choices=("maskclip", "clearclip", "sclip"),
                    help="dense CLIP features of Stage 1: maskclip (default), clearclip (q-q attention, no residual "
                    "or FFN in the last block) or sclip (q-q + k-k attention); part of the Stage-1 config")
@@ -46,10 +55,32 @@ def register(subparsers) -> None:
     s.add_argument("--campaign", required=True, metavar="DIR", help="campaign directory or fsspec URL")
     s.set_defaults(func=cmd_status)
 
+    v = subparsers.add_parser(
+        "verify", help="check every committed shard's files against its done marker (and repair with --repair)",
+        description="Checks shard lists, done markers and the sha256 of every committed file. --repair rolls "
+        "unfinished publishes forward, rebuilds or retires lost shard lists, drops the marker of a damaged shard "
+        "(the next `fmbseg label` redoes just it) and removes orphaned files and abandoned attempts. Exit 0 when "
+        "clean (or fully repaired), 1 otherwise.")
+    v.add_argument("--campaign", required=True, metavar="DIR", help="campaign directory or fsspec URL")
+    v.add_argument("--repair", action="store_true", help="repair what is found (see above)")
+    v.add_argument("--attempts-grace", type=float, default=3600.0, metavar="SECONDS",
+                   help="leave attempt directories younger than this alone (a writer may still run; default 3600)")
+    v.set_defaults(func=cmd_verify)
+
 
 def cmd_label(args: argparse.Namespace) -> int:
     from stages.label import LabelConfig, format_label_summary, run_label
 
+    if args.relocate:
+        from storage.maintenance import relocate_campaign
+
+        r = relocate_campaign(args.campaign, args.relocate, images=args.images)
+        print(f"campaign   {args.campaign}: {r['images']} images found under {r['root']} (sizes checked where "
+              "recorded); the campaign now reads them from there. Images that failed before the move are "
+              "relabelled by `fmbseg label ... --retry-failed`")
+        return 0
+    if not args.images or not args.vocab:
+        raise UsageError("fmbseg label needs --images and --vocab (or --relocate NEW_ROOT)")
     if args.shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.world_size < 1:
@@ -83,6 +114,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         device=args.device,
         image_root=args.image_root,
         overwrite=args.overwrite,
+        allow_outside_root=args.allow_outside_root,
         stage1={} if args.dense_mode == "maskclip" else {"dense_mode": args.dense_mode},
         execution=ExecutionConfig(pipeline=not args.serial, sam_batch=args.sam_batch),
     )
@@ -93,6 +125,14 @@ def cmd_label(args: argparse.Namespace) -> int:
         from stages.label import format_profile
 
         print(format_profile(summary))
+    if summary.get("problems"):
+        return 1  # the rest was labelled; the problem lines name the repair
+    if summary["images"] and not summary["ok"]:
+        import sys
+
+        print(f"error: every one of the {summary['images']} images of this run failed (see `failures` above); "
+              "check --images / --image-root, or repoint a moved campaign with --relocate", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -101,3 +141,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     print(format_status(campaign_status(args.campaign)))
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from storage.verify import format_verify, verify_campaign
+
+    report = verify_campaign(args.campaign, repair=args.repair, attempts_grace_s=args.attempts_grace)
+    print(format_verify(report))
+    return 0 if report["clean"] else 1

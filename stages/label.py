@@ -4,7 +4,12 @@
 - every input image ends as exactly one `images` row; an exception in one image (undecodable file or a bug in
   the per-image algorithm) makes that image's row `failed` with the reason and never stops the shard;
 - a shard is skipped when its done marker carries the campaign's Stage-1 config hash; a changed Stage-1 config
-  is refused with the differing fields named, unless `overwrite` (then every shard is relabelled);
+  (or another input folder) is refused with the differing fields named, unless `overwrite`: then the campaign's
+  Stage-1 outputs are removed and it is planned afresh, exactly as a new campaign would be;
+- shards commit through the attempt protocol of storage/shard_writer.py (docs/STORAGE.md): any number of
+  concurrent writers of one shard end with one complete shard; a read-only campaign fails before compute;
+- image paths outside the image root (COCO `../`, absolute names, symlinks leading out) are refused per image
+  (a `failed` row) unless the campaign allows them (`allow_outside_root`);
 - `retry_failed` recomputes done shards that have failed images (the whole shard, so its files stay consistent);
 - workers split shards by `shard_id % world_size == rank`; outputs do not depend on the split.
 """
@@ -16,19 +21,22 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import fmbseg
 from fmbseg.images import ImageDecodeError, load_image
 from fmbseg.vocab import Vocabulary, parse_vocab
 from stages import models_cache
 from stages.label_pipeline import ExecutionConfig, ShardRows, label_entries
+from storage import faults
 from storage.campaign import CampaignManifest, differing_fields, read_manifest, write_manifest
 from storage.fs import CampaignRoot
-from storage.markers import read_done, remove_done
-from storage.planning import append_shards, list_inputs, planned_shards, read_shard
+from storage.maintenance import reset_stage1_outputs
+from storage.markers import CorruptMarker, read_done, read_done_or_none, scan_markers
+from storage.planning import (PlanDamaged, append_shards, damaged_lists, input_root, list_inputs, outside_root,
+                              planned_shards, read_shard)
 from storage.reader import CampaignReader
-from storage.shard_writer import commit_shard
+from storage.shard_writer import ShardDamaged, commit_shard, needs_publish, publish, uncommit
 from storage.tables import images_table, masks_table
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,7 @@ class LabelConfig:
     overwrite: bool = False
     # How images run (pipelined or serial, prefetch depth, SAM batch): never recorded, never changes outputs.
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    allow_outside_root: bool = False  # read COCO file names that leave the image root (`../`, absolute, symlinks)
 
 
 # -- Stage-1 config ---------------------------------------------------------------------------------------------
@@ -99,6 +108,7 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
         raise ValueError(f"no image files (.jpg .jpeg .png .webp .bmp .tif .tiff) under {cfg.images}")
     clip, sam = models_cache.get_models(cfg.preset, cfg.device, stage1.dense_mode)
     local = "://" not in cfg.images
+    image_root = input_root(cfg.images, cfg.image_root)
     manifest = CampaignManifest(
         stage1=stage1.to_dict(),
         vocabulary=vocab.to_json(),
@@ -110,26 +120,45 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
             "images": os.path.abspath(cfg.images) if local else cfg.images,
             "image_root": (os.path.abspath(cfg.image_root) if cfg.image_root and "://" not in cfg.image_root
                            else cfg.image_root),
+            "root": image_root,  # shard lists store paths relative to this
+            "allow_outside_root": bool(cfg.allow_outside_root),
         },
     )
     root = CampaignRoot(cfg.campaign)
     old = read_manifest(root)
-    if old is not None and not cfg.overwrite:
+    if old is not None:
         diff = differing_fields(old, manifest)
-        if diff:
+        moved = (old.inputs.get("images") != manifest.inputs["images"]
+                 or old.inputs.get("image_root") != manifest.inputs["image_root"])
+        if (diff or moved) and cfg.overwrite:
+            # Exactly what a fresh campaign would be: no shard list, part or marker of the old run survives
+            # (a list's image ids could collide with the new inputs'; old parts have the old vocabulary).
+            reset_stage1_outputs(root)
+            old = None
+        elif diff:
             raise ValueError(
                 f"campaign {cfg.campaign} was labelled with another Stage-1 config ({'; '.join(diff)}); "
-                "use another --campaign directory, or --overwrite to relabel every shard"
+                "use another --campaign directory, or --overwrite to relabel it from scratch"
             )
-        if old.inputs.get("images") != manifest.inputs["images"] or old.inputs.get("image_root") != manifest.inputs["image_root"]:
+        elif moved:
             raise ValueError(
                 f"campaign {cfg.campaign} was planned from --images {old.inputs.get('images')} "
                 f"(--image-root {old.inputs.get('image_root')}), not {manifest.inputs['images']} "
-                f"(--image-root {manifest.inputs['image_root']}); use another --campaign directory, or --overwrite"
+                f"(--image-root {manifest.inputs['image_root']}); if the same images moved, repoint the campaign "
+                f"with `fmbseg label --campaign {cfg.campaign} --relocate NEW_ROOT`; otherwise use another "
+                "--campaign directory, or --overwrite to relabel it from scratch"
             )
+        elif old.inputs.get("root") is None:
+            manifest.inputs["root"] = None  # planned before relative paths: its lists hold absolute paths
     if old is None or old.to_json() != manifest.to_json():
         write_manifest(root, manifest)
-    shard_ids, _ = append_shards(root, entries, cfg.shard_size)
+    try:
+        shard_ids, _ = append_shards(root, entries, cfg.shard_size, manifest.inputs["root"])
+    except PlanDamaged as e:
+        # Not a reason to stop the campaign: label the shards that are planned; new images wait for the repair
+        # (appending now could give an image of the lost list a second shard). `run_label` reports it.
+        log.warning("%s", e)
+        shard_ids = planned_shards(root)
     return shard_ids
 
 
@@ -143,6 +172,30 @@ def shards_for_rank(shard_ids: list[int], rank: int, world_size: int) -> list[in
 
 
 # -- one shard --------------------------------------------------------------------------------------------------
+def _failure(entry, reason: str, kind: str, hw: tuple[int, int] | None) -> dict:
+    return {"image_id": entry.image_id, "path": entry.path, "status": "failed", "error": reason,
+            "height": hw[0] if hw else None, "width": hw[1] if hw else None, "n_masks": 0, "_kind": kind}
+
+
+def _refuse_outside_root(entries, manifest: CampaignManifest) -> dict[str, dict]:
+    """image_id -> the `failed` row of every entry whose path leaves the campaign's image root."""
+    inputs = manifest.inputs
+    if inputs.get("allow_outside_root"):
+        return {}
+    base = inputs.get("root")
+    if not base and inputs.get("images"):  # planned before relative paths
+        base = input_root(inputs["images"], inputs.get("image_root"))
+    if not base:
+        return {}
+    out = {}
+    for e in entries:
+        why = outside_root(e.path, base)
+        if why:
+            out[e.image_id] = _failure(e, f"refused: {why} ({base}); relabel with --allow-outside-root to read it",
+                                       "outside image root", None)
+    return out
+
+
 def label_shard(
     campaign: str,
     shard_id: int,
@@ -162,11 +215,28 @@ def label_shard(
     if manifest is None:
         raise FileNotFoundError(f"no campaign at {campaign} (campaign.json missing): run plan_campaign first")
     stage1_hash = manifest.stage1_hash()
-    marker = read_done(root, shard_id)
+    corrupt = False
+    try:
+        marker = read_done(root, shard_id)
+    except CorruptMarker as e:  # commits nothing: relabel the shard (its marker is replaced at commit)
+        log.warning("%s; relabelling shard %d", e, shard_id)
+        marker, corrupt = None, True
     if marker is not None and marker.stage1_hash == stage1_hash and not (retry_failed and marker.failed):
-        return {"shard_id": shard_id, "images": marker.images, "ok": marker.ok, "failed": marker.failed,
-                "masks": marker.masks, "seconds": 0.0, "skipped": True}
+        try:
+            if needs_publish(root, marker):
+                publish(root, marker)  # roll forward a publish that a crash interrupted
+            return {"shard_id": shard_id, "images": marker.images, "ok": marker.ok, "failed": marker.failed,
+                    "masks": marker.masks, "seconds": 0.0, "skipped": True}
+        except ShardDamaged as e:  # committed, but neither public nor staged files match: relabel it
+            log.warning("%s; relabelling shard %d", e, shard_id)
+            corrupt = True
+    root.check_writable()  # a read-only campaign fails here, not after the shard's compute
+    faults.checkpoint("computing")
     entries = read_shard(root, shard_id)
+    # Paths that leave the image root are refused per image (a failed row) unless the campaign allows them.
+    order = {e.image_id: i for i, e in enumerate(entries)}
+    refused = _refuse_outside_root(entries, manifest)
+    entries = [e for e in entries if e.image_id not in refused]
     from fmbseg.stage1 import run_stage1
 
     config = stage1_config_from_manifest(manifest)
@@ -179,8 +249,9 @@ def label_shard(
         )
     vocab = Vocabulary.from_json(manifest.vocabulary)
     text = models_cache.text_embeddings(clip, vocab, config.templates)
-    if marker is not None:
-        remove_done(root, shard_id)  # readers must not see a committed shard while its files are rewritten
+    if marker is not None or corrupt:
+        # A deliberate relabel (retry, another config, a corrupt marker or shard): out of the committed view first.
+        uncommit(root, shard_id, expect=marker)
 
     t_start = time.perf_counter()
     timings = dict.fromkeys(TIMING_KEYS, 0.0)
@@ -218,6 +289,8 @@ def label_shard(
                 on_image(acc.n_masks, acc.n_failed)
     rows, cols, labels = acc.rows, acc.cols, acc.labels
     t_store = time.perf_counter()
+    if refused:
+        rows = sorted([*rows, *refused.values()], key=lambda r: order[r["image_id"]])
     failure_reasons = Counter(r.pop("_kind") for r in rows if "_kind" in r)
     names = list(vocab.names)
     marker = commit_shard(root, shard_id, stage1_hash, images_table(rows, names), masks_table(cols, names), labels,
@@ -238,10 +311,11 @@ def run_label(cfg: LabelConfig, rank: int = 0, world_size: int = 1, retry_failed
 
     mine = shards_for_rank(plan_campaign(cfg), rank, world_size)
     root = CampaignRoot(cfg.campaign)
+    lost = damaged_lists(root)
     stage1_hash = read_manifest(root).stage1_hash()
     todo = []
     for sid in mine:
-        marker = read_done(root, sid)
+        marker = read_done_or_none(root, sid)
         if marker is None or marker.stage1_hash != stage1_hash or (retry_failed and marker.failed):
             todo.append(sid)
     n_todo = sum(len(read_shard(root, sid)) for sid in todo)
@@ -293,6 +367,8 @@ def run_label(cfg: LabelConfig, rank: int = 0, world_size: int = 1, retry_failed
         "failure_reasons": dict(reasons.most_common()),
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "pipeline": pipe or None,
+        "problems": [f"shards/{sid:06d}.json is {why}: new images were not planned; run `fmbseg verify --campaign "
+                     f"{cfg.campaign} --repair`, then label again" for sid, why in lost.items()],
     }
 
 
@@ -308,6 +384,8 @@ def format_label_summary(s: dict) -> str:
     if s["failure_reasons"]:
         lines.append("failures   " + ", ".join(f"{k} x{n}" for k, n in list(s["failure_reasons"].items())[:5])
                      + "  (details: the `error` column of images/)")
+    for p in s.get("problems", []):
+        lines.append(f"problem    {p}")
     total = sum(s["timings"].values())
     if total > 0:
         lines.append("time split " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in s["timings"].items()))
@@ -337,10 +415,14 @@ def format_profile(s: dict) -> str:
 
 # -- status -----------------------------------------------------------------------------------------------------
 def campaign_status(campaign: str) -> dict:
-    """Done/total shards, images ok/failed with the commonest failure kinds, masks per class (from done markers)."""
+    """Done/total shards, images ok/failed with the commonest failure kinds, masks per class (from done markers),
+    and the damage a cheap look can see (corrupt markers or shard lists, lost lists, markers of another config,
+    unfinished publishes), each with its repair. File hashes are checked by `fmbseg verify`."""
     reader = CampaignReader(campaign)
+    root = reader.root
     planned = reader.shards()
-    done = reader.done()
+    good, corrupt = scan_markers(root)
+    done = {sid: m for sid, m in good.items() if m.stage1_hash == reader.stage1_hash}
     reasons: Counter = Counter()
     per_class: Counter = Counter()
     selected: Counter = Counter()
@@ -348,13 +430,29 @@ def campaign_status(campaign: str) -> dict:
         reasons.update(m.failure_reasons)
         per_class.update(m.masks_per_class)
         selected.update(m.selected_per_class)
+    problems = [f"{e.rel}: {e.reason}" for e in corrupt.values()]
+    lost = damaged_lists(root)
+    problems += [f"shards/{sid:06d}.json: {why}" for sid, why in lost.items()]
+    stale = [sid for sid, m in good.items() if m.stage1_hash != reader.stage1_hash]
+    if stale:
+        problems.append(f"{len(stale)} done marker(s) of another Stage-1 config (shards {stale[:5]})")
+    unpublished = [sid for sid, m in done.items() if needs_publish(root, m)]
+    if unpublished:
+        problems.append(f"{len(unpublished)} committed shard(s) not fully published (shards {unpublished[:5]}); "
+                        "readers use the staged copy")
+    images_planned = 0
+    for sid in planned:
+        try:
+            images_planned += len(reader.shard_images(sid))
+        except (PlanDamaged, ValueError):
+            pass
     return {
         "campaign": campaign,
         "preset": reader.manifest.preset,
         "classes": len(reader.vocabulary),
-        "shards_total": len(planned),
+        "shards_total": len(set(planned) | set(lost)),  # a lost list still counts: its shard is not done
         "shards_done": len(done),
-        "images_planned": sum(len(reader.shard_images(s)) for s in planned),
+        "images_planned": images_planned,
         "images_done": sum(m.images for m in done.values()),
         "images_ok": sum(m.ok for m in done.values()),
         "images_failed": sum(m.failed for m in done.values()),
@@ -362,6 +460,7 @@ def campaign_status(campaign: str) -> dict:
         "masks": sum(m.masks for m in done.values()),
         "masks_per_class": dict(per_class.most_common()),
         "selected_per_class": dict(selected.most_common()),
+        "problems": problems,
     }
 
 
@@ -381,4 +480,11 @@ def format_status(s: dict) -> str:
             lines.append(f"  {name:<{width}}  {n:>8}  ({s['selected_per_class'].get(name, 0)} in label maps)")
         if len(s["masks_per_class"]) > 20:
             lines.append(f"  ... {len(s['masks_per_class']) - 20} more classes")
+    for p in s.get("problems", []):
+        lines.append(f"problem   {p}")
+    if s.get("problems"):
+        lines.append(f"recover   fmbseg verify --campaign {s['campaign']} --repair, then fmbseg label again "
+                     "(redoes only the dropped shards)")
+    else:
+        lines.append(f"integrity fmbseg verify --campaign {s['campaign']} checks every file against its done marker")
     return "\n".join(lines)

@@ -1,8 +1,11 @@
-"""A campaign root on any fsspec filesystem, with whole-file writes (DESIGN §5 "Writes").
+"""A campaign root on any fsspec filesystem, with whole-file writes (DESIGN §5 "Writes", docs/STORAGE.md).
 
-A reader never sees half a file: locally a file is written to a temporary name in the same directory and moved
-into place with `os.replace` (atomic on POSIX); on object stores it is one `pipe` (a single PUT), which object
-stores publish atomically. Paths inside a root are relative POSIX paths such as `shards/000042.json`.
+A reader never sees half a file: locally a file is written to a temporary name in the same directory, fsynced,
+given the mode the umask asks for, and moved into place with `os.replace` (atomic on POSIX), then the directory
+is fsynced (a power loss cannot leave a zero-byte file under the final name); on object stores it is one `pipe`
+(a single PUT), which object stores publish atomically. `create_exclusive` is the one compare-and-set the commit
+protocol needs: a hard link locally, a conditional PUT (`If-None-Match: *`) on object stores. Paths inside a
+root are relative POSIX paths such as `shards/000042.json`.
 """
 
 from __future__ import annotations
@@ -11,10 +14,48 @@ import json
 import os
 import posixpath
 import tempfile
-from typing import Any
+import uuid
+from typing import Any, Iterable
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask is process-wide and racy)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file (0o666 minus the umask)."""
+    return 0o666 & ~_read_umask()
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a rename or link inside `directory` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class CampaignNotWritable(OSError):
+    """The campaign root cannot be written (read-only mount, permissions, a file in the way)."""
 
 
 class CampaignRoot:
@@ -55,19 +96,130 @@ class CampaignRoot:
             self.fs.pipe_file(target, bytes(data))
             return
         directory = os.path.dirname(target)
+        tmp = self._local_temp(directory, target, data)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        fsync_dir(directory)
+
+    def _local_temp(self, directory: str, target: str, data: bytes) -> str:
+        """`data` in a durable temporary file next to `target`, with the umask's mode; returns its path."""
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(target))
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.replace(tmp, target)
+                f.flush()
+                os.fsync(f.fileno())
+                # mkstemp makes 0600; outputs are read by trainers running as other users.
+                os.fchmod(f.fileno(), file_mode())
         except BaseException:
             # Leave no temporary behind when the write fails or the worker is interrupted mid-write.
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            _unlink(tmp)
             raise
+        return tmp
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write `rel` whole only if it does not exist yet; True when this call created it.
+
+        Locally: a durable temporary file hard-linked to the name (`link` fails when the name exists, and a
+        reader sees either no file or the whole file). Object stores: one PUT with `If-None-Match: *`; a store
+        that rejects conditional writes gets a plain PUT after an existence check, and the caller must read the
+        object back to learn who won (see docs/STORAGE.md)."""
+        target = self.full(rel)
+        if not self.is_local:
+            try:
+                self.fs.pipe_file(target, bytes(data), mode="create")
+                return True
+            except FileExistsError:
+                return False
+            except (TypeError, NotImplementedError, ValueError):
+                pass  # this filesystem has no exclusive mode
+            except OSError as e:
+                if "PreconditionFailed" in str(e) or "412" in str(e):
+                    return False
+                if "NotImplemented" not in str(e) and "501" not in str(e):
+                    raise
+            if self.fs.exists(target):
+                return False
+            self.fs.pipe_file(target, bytes(data))
+            return True
+        directory = os.path.dirname(target)
+        tmp = self._local_temp(directory, target, data)
+        try:
+            os.link(tmp, target)
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError:
+            # Filesystems without hard links: O_EXCL claims the name; the content follows (fsynced).
+            created = self._create_excl_fallback(target, data)
+        finally:
+            _unlink(tmp)
+        if created:
+            fsync_dir(directory)
+        return created
+
+    @staticmethod
+    def _create_excl_fallback(target: str, data: bytes) -> bool:
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def write_private(self, rel: str, data: bytes) -> None:
+        """Write a file nobody reads until a later commit names it (an attempt's staging area): written in
+        place and fsynced locally (no rename needed: a torn file is caught by its hash), one PUT elsewhere."""
+        target = self.full(rel)
+        if not self.is_local:
+            self.fs.pipe_file(target, bytes(data))
+            return
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def sync_dirs(self, rels: Iterable[str]) -> None:
+        """fsync the (local) directories holding `rels`, each once."""
+        if not self.is_local:
+            return
+        for d in sorted({os.path.dirname(self.full(r)) for r in rels}):
+            fsync_dir(d)
+
+    def move(self, src: str, dst: str) -> None:
+        """Put `src`'s bytes at `dst` whole: `os.replace` locally (atomic), a server-side copy elsewhere (the
+        source stays until its attempt directory is removed)."""
+        if self.is_local:
+            target = self.full(dst)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(self.full(src), target)
+        else:
+            self.fs.copy(self.full(src), self.full(dst))
+
+    def check_writable(self) -> None:
+        """Raise `CampaignNotWritable` (one line, naming the root) unless a file can be created and removed."""
+        probe = f".probe-{uuid.uuid4().hex}"
+        try:
+            if self.is_local:
+                if os.path.exists(self.path) and not os.path.isdir(self.path):
+                    raise NotADirectoryError(f"{self.path} is a file")
+                self.write_private(probe, b"")
+            else:
+                self.fs.pipe_file(self.full(probe), b"")
+            self.remove(probe)
+        except OSError as e:
+            raise CampaignNotWritable(
+                f"campaign {self.url} is not writable ({e.strerror or e}); fix its permissions or mount, or "
+                "label into another --campaign directory"
+            ) from None
 
     def write_json(self, rel: str, obj: Any) -> bytes:
         """Write `obj` as indented, key-sorted JSON (byte-identical for equal objects); returns the bytes."""
@@ -120,6 +272,13 @@ class CampaignRoot:
                 v = info[key]
                 return v.timestamp() if hasattr(v, "timestamp") else float(v)
         raise KeyError(f"{self.full_url(rel)}: the filesystem reports no modification time")
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def write_file(url: str | os.PathLike, data: bytes) -> None:

@@ -8,9 +8,10 @@ The group holds
 - `label` attributes `class_names` (the vocabulary, class-id order) and `ignore_label` (65535), so the array
   explains itself to any Zarr reader.
 
-One shard = one group = one writer. The group is built in memory and then every file is written whole through
-`CampaignRoot` (temp + rename locally, one PUT on object stores); any previous group of the shard is removed
-first, so no stale chunk from an earlier attempt can survive. Any Zarr v3 reader opens it, e.g.
+One shard = one group = one writer. The group is built in memory (`build_label_group`), staged by the commit
+protocol under the attempt's directory and published file by file, `zarr.json` files last, with any file of an
+older group removed (storage/shard_writer.py); no two writers ever write one public group. Any Zarr v3 reader
+opens it, e.g.
 `zarr.open_group("campaign/labels.zarr/000042", mode="r")`.
 """
 
@@ -92,22 +93,34 @@ def build_label_group(labels: PackedLabels, shard_id: int, class_names: list[str
     return {k: v.to_bytes() for k, v in store.items()}
 
 
-def write_label_group(root: CampaignRoot, shard_id: int, labels: PackedLabels,
-                      class_names: list[str] | None = None) -> str:
-    """Replace the shard's group with `labels`; returns the sha256 over the group's files (sorted by key)."""
-    files = build_label_group(labels, shard_id, class_names)
-    base = labels_group_path(shard_id)
-    root.remove(base, recursive=True)
+def group_digest(file_hashes: dict[str, str]) -> str:
+    """The group's sha256 as done markers record it: over (key, sha256 of the file) of every file, sorted by key.
+    `file_hashes`: group-relative key (`label/c/0/0/0`) -> hex sha256."""
+    digest = hashlib.sha256()
+    for key in sorted(file_hashes):
+        digest.update(key.encode() + b"\0" + bytes.fromhex(file_hashes[key]))
+    return digest.hexdigest()
+
+
+def ensure_root_group(root: CampaignRoot) -> None:
+    """`labels.zarr/zarr.json` (the parent group; identical bytes from every writer, so a race is harmless)."""
     if not root.exists(f"{LABELS_ZARR}/zarr.json"):
         for key, data in _root_group_files().items():
             root.write_bytes(f"{LABELS_ZARR}/{key}", data)
-    digest = hashlib.sha256()
+
+
+def write_label_group(root: CampaignRoot, shard_id: int, labels: PackedLabels,
+                      class_names: list[str] | None = None) -> str:
+    """Replace the shard's public group with `labels` directly (tools and tests; the commit protocol stages and
+    publishes instead); returns the group digest."""
+    files = build_label_group(labels, shard_id, class_names)
+    base = labels_group_path(shard_id)
+    root.remove(base, recursive=True)
+    ensure_root_group(root)
     # zarr.json last: a reader that lists the group before the chunks land sees no array yet.
     for key in sorted(files, key=lambda k: (k.endswith("zarr.json"), k)):
         root.write_bytes(f"{base}/{key}", files[key])
-    for key in sorted(files):
-        digest.update(key.encode() + b"\0" + hashlib.sha256(files[key]).digest())
-    return digest.hexdigest()
+    return group_digest({k: hashlib.sha256(v).hexdigest() for k, v in files.items()})
 
 
 @dataclass
@@ -121,6 +134,16 @@ class LabelGroup:
     def label(self, i: int) -> np.ndarray:
         h, w = (int(v) for v in self.hw[i])
         return np.asarray(self.array[i, :h, :w], dtype=np.uint16)
+
+
+def label_group_from_files(files: dict[str, bytes]) -> LabelGroup:
+    """A group from its files held in memory (group-relative key -> bytes), e.g. after checking their hashes."""
+    proto = zarr.core.buffer.default_buffer_prototype()
+    store = zarr.storage.MemoryStore({k: proto.buffer.from_bytes(v) for k, v in files.items()}, read_only=True)
+    group = zarr.open_group(store=store, mode="r")
+    image_ids = list(group.attrs["image_ids"])
+    hw = np.asarray(group["hw"][:], np.int32).reshape(-1, 2)
+    return LabelGroup(image_ids, hw, group["label"])
 
 
 def open_label_group(root: CampaignRoot, shard_id: int) -> LabelGroup:

@@ -55,3 +55,36 @@ def parse_shard_file(name: str) -> int | None:
     """`"000042.json"` -> 42; anything else (temporaries, stray files) -> None."""
     m = _SHARD_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+ATTEMPTS_DIR = "_attempts"
+
+
+def attempts_dir(shard_id: int) -> str:
+    """Where the shard's attempts stage their outputs (`_attempts/000042/`): outside `images/`, `masks/` and
+    `labels.zarr/`, so no dataset reader of those folders ever lists a staged file."""
+    return f"{ATTEMPTS_DIR}/{shard_name(shard_id)}"
+
+
+def attempt_dir(shard_id: int, attempt: str) -> str:
+    return f"{attempts_dir(shard_id)}/{attempt}"
+
+
+def staged_path(shard_id: int, attempt: str, public_rel: str) -> str:
+    """A public output's staged copy: the same relative path under the attempt's directory."""
+    return f"{attempt_dir(shard_id, attempt)}/{public_rel}"
+
+
+def public_dirs(shard_id: int) -> list[str]:
+    """The folders that hold a shard's published outputs (and nothing of any other shard)."""
+    name = shard_name(shard_id)
+    return [f"{IMAGES_DIR}/shard={name}", f"{MASKS_DIR}/shard={name}", labels_group_path(shard_id)]
+
+
+_PUBLIC_DIR_RE = re.compile(r"^shard=(\d{6,})$")
+
+
+def parse_public_dir(name: str) -> int | None:
+    """`"shard=000042"` -> 42."""
+    m = _PUBLIC_DIR_RE.match(name)
+    return int(m.group(1)) if m else None
