@@ -8,8 +8,14 @@ Resuming: a shard whose done marker matches the campaign's Stage-1 config hash i
 after a crash or a kill labels only what is missing. Task-result caching is off on purpose: the done markers in
 the campaign are the single source of truth, valid across flow runs, workers and machines.
 
-Scale-out: run one flow per worker with `rank`/`world_size`; rank r labels the shards with `shard_id % world_size
-== r`, so no shard is labeled twice and none is skipped, whatever machine each rank runs on.
+Scale-out, two ways:
+- `runner="local"` (default): shard tasks run one after another in this process. Run one flow per worker with
+  `rank`/`world_size`; rank r labels the shards with `shard_id % world_size == r`, so no shard is labeled twice and
+  none is skipped, whatever machine each rank runs on.
+- `runner="ray"`: one flow run for the whole campaign; every not-yet-done shard is a Prefect task submitted to
+  prefect-ray's `RayTaskRunner` (subflow `label-shards-ray`), each asking Ray for `gpus_per_shard` GPUs and
+  `cpus_per_shard` CPUs, so Ray spreads the shards over every free GPU of the cluster as they finish
+  (flows/ray_runner.py says how the cluster is found, and how dead workers are handled).
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from flows.artifacts import ShardProgress, artifact_key, publish_label_summary, summarize_label_results
+from flows.ray_runner import (check_runner, default_gpus_per_shard, ray_task_runner, shard_remote_options,
+                              worker_info)
+from stages import models_cache
 from stages.label import LabelConfig, label_shard, plan_campaign, shards_for_rank
+from storage.campaign import read_manifest
+from storage.fs import CampaignRoot
+from storage.markers import read_done
 
 # Errors that no retry can fix: bad arguments, a changed Stage-1 config, missing inputs.
 _PERMANENT_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError)
@@ -64,8 +76,70 @@ def plan_task(config: dict) -> list[int]:
 @task(name="label-shard", task_run_name="label-shard-{shard_id}", cache_policy=NO_CACHE, retries=3,
       retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5, retry_condition_fn=retry_unless_permanent)
 def label_shard_task(campaign: str, shard_id: int, device: str = "auto", retry_failed: bool = False) -> dict:
-    """Label one shard (a no-op returning `skipped=True` when it is already done)."""
-    return label_shard(campaign, shard_id, device=device, retry_failed=retry_failed)
+    """Label one shard (a no-op returning `skipped=True` when it is already done). The result also names the
+    host and process that ran it and how many model loads that process has done so far (`model_loads`)."""
+    result = label_shard(campaign, shard_id, device=device, retry_failed=retry_failed)
+    return {**result, **worker_info(), "model_loads": models_cache.load_count()}
+
+
+def pending_shards(campaign: str, shard_ids: list[int], retry_failed: bool = False) -> list[int]:
+    """The shards of `shard_ids` not done under the campaign's Stage-1 hash (with `retry_failed`: also those
+    done with failed images) -- what a run still has to submit."""
+    root = CampaignRoot(campaign)
+    stage1_hash = read_manifest(root).stage1_hash()
+    todo = []
+    for sid in shard_ids:
+        marker = read_done(root, sid)
+        if marker is None or marker.stage1_hash != stage1_hash or (retry_failed and marker.failed):
+            todo.append(int(sid))
+    return todo
+
+
+@flow(name="label-shards-ray")
+def label_shards_ray(
+    campaign: str,
+    shard_ids: list[int],
+    device: str = "auto",
+    retry_failed: bool = False,
+    gpus_per_shard: float | None = None,
+    cpus_per_shard: float = 1.0,
+    shard_retries: int = 3,
+    retry_delay_seconds: float = 10.0,
+    worker_restarts: int = 3,
+    progress_key: str | None = None,
+) -> dict:
+    """Submit one `label-shard` task per shard to this flow's task runner (a `RayTaskRunner`, see
+    `label_campaign`); -> `{"results": [shard results], "failed": [shard ids], "gpus_per_shard": float}`.
+
+    `worker_restarts`: how often Ray re-runs a shard whose worker process or node died; `shard_retries`: how often
+    Prefect retries a shard that raised."""
+    from prefect_ray.context import remote_options
+
+    logger = get_run_logger()
+    gpus = default_gpus_per_shard(gpus_per_shard)
+    options = shard_remote_options(gpus, cpus_per_shard, worker_restarts)
+    logger.info("submitting %d shards to Ray, %s GPU and %s CPU each", len(shard_ids), options["num_gpus"],
+                options["num_cpus"])
+    shard_task = label_shard_task.with_options(
+        retries=shard_retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds)
+    )
+    with remote_options(**options):
+        futures = [(sid, shard_task.submit(campaign, sid, device=device, retry_failed=retry_failed))
+                   for sid in shard_ids]
+    progress = ShardProgress(progress_key, len(shard_ids), f"Labeling {campaign} on Ray") if progress_key else None
+    results: list[dict] = []
+    failed: list[int] = []
+    for sid, future in futures:
+        future.wait()
+        state = future.state
+        if state.is_completed():
+            results.append(future.result())
+        else:
+            failed.append(sid)
+            logger.error("shard %06d failed: %s", sid, state.message)
+        if progress is not None:
+            progress.advance()
+    return {"results": results, "failed": failed, "gpus_per_shard": gpus}
 
 
 @flow(name="label-campaign")
@@ -85,8 +159,19 @@ def label_campaign(
     retry_failed: bool = False,
     shard_retries: int = 3,
     retry_delay_seconds: float = 10.0,
+    runner: str = "local",
+    ray_address: str | None = None,
+    gpus_per_shard: float | None = None,
+    cpus_per_shard: float = 1.0,
+    ray_init_kwargs: dict | None = None,
 ) -> dict:
     """Label every shard of this rank's share of the campaign at `campaign` (local path or fsspec URL).
+
+    `runner`: "local" (shards one after another here) or "ray" (every not-yet-done shard a task on Ray, placed
+    wherever `gpus_per_shard` GPUs (default: 1 when the cluster has GPUs, else 0) and `cpus_per_shard` CPUs are
+    free; `ray_address`: None starts a local Ray instance, "auto" joins the running cluster, or an address;
+    `ray_init_kwargs`: more `ray.init` arguments, e.g. a `runtime_env`). With "ray", rank/world_size must stay
+    0/1: Ray spreads the shards itself.
 
     `images` is a folder or a COCO JSON (`image_root` for its files), `vocab` a comma list, a file or a built-in
     name, `stage1` overrides Stage-1 settings. Shards that fail after `shard_retries` retries (delays
@@ -94,26 +179,50 @@ def label_campaign(
     rerun labels just those. Returns the run summary (see `flows.artifacts.summarize_label_results`) with
     `shard_ids`, `labeled`, `skipped` and `failed` shard lists."""
     logger = get_run_logger()
+    check_runner(runner)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}, "
                          f"world_size={world_size}")
+    if runner == "ray" and world_size != 1:
+        raise ValueError("runner='ray' labels the whole campaign from one flow run: leave rank=0, world_size=1 "
+                         "(Ray places the shards on the cluster's workers)")
     config = label_config(images, vocab, campaign, preset, shard_size, seed, device, image_root, stage1, overwrite)
     all_shards = plan_task(config)
     mine = [int(s) for s in shards_for_rank(all_shards, rank, world_size)]
     logger.info("campaign %s: %d shards planned, rank %d/%d labels %d of them",
                 campaign, len(all_shards), rank, world_size, len(mine))
 
-    progress = ShardProgress(artifact_key("label-progress", campaign, rank), len(mine),
-                             f"Labeling {campaign} (rank {rank}/{world_size})")
-    shard_task = label_shard_task.with_options(
-        retries=shard_retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds)
-    )
     results: list[dict] = []
     labeled: list[int] = []
     skipped: list[int] = []
     failed: list[int] = []
     t0 = time.perf_counter()
-    for shard_id in mine:
+    if runner == "ray":
+        todo = pending_shards(campaign, mine, retry_failed)
+        done_already = [s for s in mine if s not in set(todo)]
+        skipped.extend(done_already)
+        results.extend({"shard_id": s, "skipped": True} for s in done_already)
+        if todo:
+            on_ray = label_shards_ray.with_options(task_runner=ray_task_runner(ray_address, ray_init_kwargs))
+            out = on_ray(campaign, todo, device=device, retry_failed=retry_failed, gpus_per_shard=gpus_per_shard,
+                         cpus_per_shard=cpus_per_shard, shard_retries=shard_retries,
+                         retry_delay_seconds=retry_delay_seconds,
+                         progress_key=artifact_key("label-progress", campaign, rank))
+            for r in out["results"]:
+                results.append(r)
+                (skipped if r.get("skipped") else labeled).append(int(r["shard_id"]))
+            failed.extend(out["failed"])
+            for sid in failed:
+                logger.error("shard %06d failed after retries", sid)
+        mine_iter: list[int] = []
+    else:
+        mine_iter = mine
+    progress = ShardProgress(artifact_key("label-progress", campaign, rank), len(mine_iter),
+                             f"Labeling {campaign} (rank {rank}/{world_size})") if mine_iter else None
+    shard_task = label_shard_task.with_options(
+        retries=shard_retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds)
+    )
+    for shard_id in mine_iter:
         state = shard_task(campaign, shard_id, device=device, retry_failed=retry_failed, return_state=True)
         if state.is_completed():
             result = state.result()
@@ -128,7 +237,9 @@ def label_campaign(
     logger.info("labeling summary: %s", summary)
     summary.update(
         campaign=campaign, rank=rank, world_size=world_size, shard_ids=mine, labeled=labeled, skipped=skipped,
-        failed=failed,
+        failed=failed, runner=runner,
+        workers=sorted({(r["host"], r["pid"]) for r in results if "pid" in r and not r.get("skipped")}),
+        shard_results=[r for r in results if not r.get("skipped")],
     )
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(mine)} shards failed after retries: {failed}; "
