@@ -1,0 +1,145 @@
+"""Labeling and evaluation on Ray through prefect-ray's RayTaskRunner, against ONE local Ray cluster per test
+session (`ray start --head` on 127.0.0.1 with 2 CPUs and 2 logical GPUs, free ports, killed with its whole
+process tree at the end) and the session's Prefect server.
+
+Every flow run connects to the cluster by address (as a multi-node deployment does), as its own Ray job; a job's
+`runtime_env` installs tests/flows/ray_hooks.py in that job's worker processes (commit log, fault injection).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from flows.server import free_port, kill_tree
+
+pytestmark = pytest.mark.slow
+HOST = "127.0.0.1"
+
+
+def _ray_exe() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _gcs_up(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """`ray start --head --block` on 127.0.0.1 (2 CPUs, 2 logical GPUs): -> its address `127.0.0.1:PORT`."""
+    # A short temp dir: Ray's unix sockets live under it and socket paths are limited to ~107 characters.
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    port = free_port()
+    cmd = [_ray_exe(), "start", "--head", "--block", "--node-ip-address", HOST, "--port", str(port),
+           "--num-cpus", "2", "--num-gpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
+           "--temp-dir", tmp]
+    for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                 "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port"):
+        cmd += [flag, str(free_port())]
+    log_path = Path(tmp) / "head.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+    try:
+        deadline = time.monotonic() + 120
+        while not _gcs_up(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start --head failed:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield f"{HOST}:{port}"
+    finally:
+        kill_tree(proc.pid, signal.SIGKILL)
+
+
+def hooks(hook_dir: Path, mode: str = "log") -> dict:
+    """`ray_init_kwargs` that install tests/flows/ray_hooks.py in every worker of the flow run's Ray job."""
+    return {
+        "_node_ip_address": HOST,
+        "runtime_env": {
+            "worker_process_setup_hook": "tests.flows.ray_hooks.install",
+            "env_vars": {"FMBSEG_RAY_HOOK_DIR": str(hook_dir), "FMBSEG_RAY_HOOK_MODE": mode},
+        },
+    }
+
+
+def commits(hook_dir: Path) -> Counter:
+    """How often each shard was committed (done marker written), from the hook's commit log."""
+    path = hook_dir / "commits"
+    lines = path.read_text().split() if path.exists() else []
+    return Counter(int(sid) for sid in lines[0::2])
+
+
+def sorted_images(campaign: Path):
+    from storage.reader import CampaignReader
+
+    return CampaignReader(str(campaign)).images().sort_by("image_id")
+
+
+def assert_equals_reference(kit, campaign: Path, reference: Path) -> None:
+    assert kit.sorted_masks(campaign).equals(kit.sorted_masks(reference))
+    assert sorted_images(campaign).equals(sorted_images(reference))
+
+
+def test_ray_labels_like_the_local_runner_over_two_workers_despite_a_killed_worker(
+        kit, prefect_api, ray_cluster, small_world, reference_campaign, tmp_path):
+    """One run proves both: the campaign labelled on Ray equals the local runner's row for row, shards spread
+    over >= 2 worker processes, and a worker killed with SIGKILL mid-shard costs nothing but a re-run of that
+    shard elsewhere (Ray's max_retries) -- committed once. (One run, not two: each Ray job starts fresh
+    worker processes, the dearest part of these tests.)"""
+    from flows.label_flow import label_campaign
+
+    campaign, hook_dir = tmp_path / "campaign", tmp_path / "hooks"
+    hook_dir.mkdir()
+    victim: dict = {}
+
+    def kill_when_stalled() -> None:
+        path = hook_dir / "victim.pid"
+        deadline = time.monotonic() + 180
+        while not path.exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        victim["pid"] = int(path.read_text())
+        os.kill(victim["pid"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_stalled, daemon=True)
+    killer.start()
+    params = kit.label_params(small_world, campaign, runner="ray", ray_address=ray_cluster,
+                              ray_init_kwargs=hooks(hook_dir, mode="kill"))
+    t0 = time.perf_counter()
+    s = label_campaign(**params)
+    killer.join(timeout=5)
+    print(f"\nray: {s['images']} images over {len(s['workers'])} worker processes in "
+          f"{time.perf_counter() - t0:.1f} s, worker {victim.get('pid')} killed mid-shard")
+    assert "pid" in victim, "no worker reached the hook point"
+    assert (s["shards"], s["shards_labeled"], s["failed"]) == (12, 12, [])
+    assert_equals_reference(kit, campaign, reference_campaign)
+    # 2 logical GPUs, 1 per shard: two shards at a time, in two worker processes (the killed one not counted).
+    pids = {r["pid"] for r in s["shard_results"]}
+    assert len(pids) >= 2 and os.getpid() not in pids and victim["pid"] not in pids
+    # Every shard labelled and committed exactly once, the killed one included.
+    assert sorted(r["shard_id"] for r in s["shard_results"]) == list(range(12))
+    assert commits(hook_dir) == Counter(range(12))
+    # Models were built once per worker process and reused for its other shards.
+    per_pid = Counter(r["pid"] for r in s["shard_results"])
+    assert max(per_pid.values()) >= 2
+    assert all(r["model_loads"] == 1 for r in s["shard_results"])
+
+    # A rerun submits nothing: every shard is done.
+    s2 = label_campaign(**params)
+    assert (s2["shards_labeled"], s2["shards_skipped"], s2["shard_results"]) == (0, 12, [])
+    assert commits(hook_dir) == Counter(range(12))
