@@ -143,3 +143,37 @@ def test_ray_labels_like_the_local_runner_over_two_workers_despite_a_killed_work
     s2 = label_campaign(**params)
     assert (s2["shards_labeled"], s2["shards_skipped"], s2["shard_results"]) == (0, 12, [])
     assert commits(hook_dir) == Counter(range(12))
+
+
+def test_evaluate_on_ray_one_task_per_segmenter_merges_into_the_same_reports(prefect_api, ray_cluster, eval_world,
+                                                                              tmp_path):
+    """`evaluate` with runner="ray": one task per (benchmark, segmenter), results merged into results.json and
+    results.md beside what `out` already held; the metrics equal a local combined run's."""
+    import json
+
+    from flows.evaluate_flow import evaluate_flow
+    from stages.evaluate import evaluate
+
+    common = dict(dataset="custom", data_root=str(eval_world), models="maskclip,stage1", preset="oracle",
+                  device="cpu")
+    local_out, ray_out = tmp_path / "local", tmp_path / "ray"
+    evaluate(out=str(local_out), progress=False, **common)
+    local = json.loads((local_out / "results.json").read_text())
+    key = next(iter(local["results"]))
+    # An earlier report in `out` (another benchmark's column) must survive the merge.
+    ray_out.mkdir()
+    earlier = {"format": "fmbseg-eval", "results": {"custom:earlier": local["results"][key]}}
+    (ray_out / "results.json").write_text(json.dumps(earlier))
+
+    result = evaluate_flow(out=str(ray_out), runner="ray", ray_address=ray_cluster,
+                           ray_init_kwargs={"_node_ip_address": HOST}, **common)
+    assert sorted(result) == ["maskclip", "stage1"]
+    merged = json.loads((ray_out / "results.json").read_text())
+    assert sorted(merged["results"]) == sorted([key, "custom:earlier"])
+    for model in ("maskclip", "stage1"):
+        got, want = merged["results"][key][model], local["results"][key][model]
+        for field in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "images"):
+            assert got[field] == want[field], (model, field)
+    md = (ray_out / "results.md").read_text()
+    assert f"| {key} |" in md.splitlines()[2] and "custom:earlier" in md
+    assert "| maskclip |" in md and "| stage1 |" in md
