@@ -177,3 +177,21 @@ def test_evaluate_on_ray_one_task_per_segmenter_merges_into_the_same_reports(pre
     md = (ray_out / "results.md").read_text()
     assert f"| {key} |" in md.splitlines()[2] and "custom:earlier" in md
     assert "| maskclip |" in md and "| stage1 |" in md
+
+
+def test_cli_label_runner_ray(kit, prefect_api, ray_cluster, eval_world, tmp_path, capsys):
+    """`fmbseg label --runner ray --ray-address ADDR` labels like `fmbseg label`; bad combinations exit 2."""
+    from flows.cli import main
+
+    base = ["label", "--images", str(eval_world / "images"), "--vocab", str(eval_world / "classes.txt"),
+            "--preset", "oracle", "--shard-size", "1", "--device", "cpu", "--no-progress"]
+    assert main(base + ["--campaign", str(tmp_path / "local")]) == 0
+    capsys.readouterr()
+    assert main(base + ["--campaign", str(tmp_path / "ray"), "--runner", "ray", "--ray-address", ray_cluster,
+                        "--gpus-per-shard", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "runner ray" in out and "3 labelled" in out
+    assert kit.sorted_masks(tmp_path / "ray").equals(kit.sorted_masks(tmp_path / "local"))
+    assert main(base + ["--campaign", str(tmp_path / "x"), "--runner", "ray", "--world-size", "2"]) == 2
+    assert main(base + ["--campaign", str(tmp_path / "x"), "--runner", "ray", "--gpus-per-shard", "-1"]) == 2
+    assert "--gpus-per-shard must be >= 0" in capsys.readouterr().err
