@@ -77,9 +77,13 @@ def plan_task(config: dict) -> list[int]:
       retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5, retry_condition_fn=retry_unless_permanent)
 def label_shard_task(campaign: str, shard_id: int, device: str = "auto", retry_failed: bool = False) -> dict:
     """Label one shard (a no-op returning `skipped=True` when it is already done). The result also names the
-    host and process that ran it and how many model loads that process has done so far (`model_loads`)."""
+    host and process that ran it, how many model loads that process has done so far (`model_loads`), and the
+    wall-clock `started`/`finished` times (epoch seconds) of the stage call (scripts/bench_scaleout.py reads the
+    gaps between a worker's shards: the per-shard cost of Prefect and Ray)."""
+    started = time.time()
     result = label_shard(campaign, shard_id, device=device, retry_failed=retry_failed)
-    return {**result, **worker_info(), "model_loads": models_cache.load_count()}
+    return {**result, **worker_info(), "model_loads": models_cache.load_count(), "started": started,
+            "finished": time.time()}
 
 
 def pending_shards(campaign: str, shard_ids: list[int], retry_failed: bool = False) -> list[int]:

@@ -195,3 +195,16 @@ def test_cli_label_runner_ray(kit, prefect_api, ray_cluster, eval_world, tmp_pat
     assert main(base + ["--campaign", str(tmp_path / "x"), "--runner", "ray", "--world-size", "2"]) == 2
     assert main(base + ["--campaign", str(tmp_path / "x"), "--runner", "ray", "--gpus-per-shard", "-1"]) == 2
     assert "--gpus-per-shard must be >= 0" in capsys.readouterr().err
+
+
+def test_label_campaign_ray_deployment_is_registered(prefect_server, deployed):
+    """prefect.yaml's `label-campaign/ray`: runner ray, joining the running cluster."""
+    from prefect import get_client
+
+    from flows.server import client_settings
+
+    with client_settings(prefect_server.api_url, prefect_server.home), get_client(sync_client=True) as client:
+        d = client.read_deployment_by_name("label-campaign/ray")
+    assert d.work_pool_name == deployed
+    assert d.parameters == {"runner": "ray", "ray_address": "auto"}
+    assert "ray_address" in d.parameter_openapi_schema["properties"]
