@@ -203,7 +203,8 @@ def label_campaign(
     t0 = time.perf_counter()
     if runner == "ray":
         todo = pending_shards(campaign, mine, retry_failed)
-        done_already = [s for s in mine if s not in set(todo)]
+        pending = set(todo)
+        done_already = [s for s in mine if s not in pending]
         skipped.extend(done_already)
         results.extend({"shard_id": s, "skipped": True} for s in done_already)
         if todo:
@@ -222,7 +223,7 @@ def label_campaign(
     else:
         mine_iter = mine
     progress = ShardProgress(artifact_key("label-progress", campaign, rank), len(mine_iter),
-                             f"Labeling {campaign} (rank {rank}/{world_size})") if mine_iter else None
+                             f"Labeling {campaign} (rank {rank}/{world_size})") if runner == "local" else None
     shard_task = label_shard_task.with_options(
         retries=shard_retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds)
     )
