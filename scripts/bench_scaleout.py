@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(images=str(tmp / "world" / "images"), vocab=str(tmp / "world" / "classes.txt"),
                   preset=args.preset, shard_size=args.shard_size, device="cpu")
     print(f"{n} images ({args.size[0]}x{args.size[1]}), {args.shards} shards of {args.shard_size}, "
-          f"preset {args.preset}; starting a Prefect server ...", flush=True)
+          f"preset {args.preset}", flush=True)
 
     rows = []
     # Warm-up: load the models into this process once (the Ray workers load theirs in their own runs).
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     s = run_label(LabelConfig(campaign=str(tmp / "stage"), **common), progress=False)
     stage_wall = time.perf_counter() - t0
     rows.append(("stage only (no Prefect)", stage_wall, stage_wall, None, s["images"]))
+    print(f"stage alone: {stage_wall:.1f} s; starting a Prefect server ...", flush=True)
 
     with local_server(tmp / "prefect") as server, client_settings(server.api_url, server.home):
         from flows.label_flow import label_campaign
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             span = max(r["finished"] for r in rs) - min(r["started"] for r in rs)
             results[name] = rs
             rows.append((name, wall, span, statistics.median(gaps(rs)) if len(gaps(rs)) else None, out["images"]))
+            print(f"{name}: {wall:.1f} s", flush=True)
 
     shard_wall = stage_wall / args.shards
     print(f"\n{'run':<24} {'wall s':>8} {'img/s':>7} {'span s':>8} {'img/s span':>10} {'gap/shard s':>11}"
@@ -103,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     by = {name: (wall, span) for name, wall, span, _, _ in rows}
     w1, w2 = by["ray, 1 worker"], by["ray, 2 workers"]
     print(f"\n2 workers / 1 worker: {w1[0] / w2[0]:.2f}x end to end, {w1[1] / w2[1]:.2f}x over the labelling span")
+    if args.shard_size != 64:
+        shard64 = shard_wall * 64 / args.shard_size
+        print(f"projected to a 64-image shard ({shard64:.2f} s, scaled from {args.shard_size} images): the gap is "
+              f"{100 * rows[2][3] / shard64:.2f} % of it")
     per_shard_total = (w1[0] - stage_wall) / args.shards
     print(f"a {args.shard_size}-image shard takes {shard_wall:.2f} s (stage alone); Ray+Prefect between shards of "
           f"one worker: {rows[2][3]:.3f} s = {100 * rows[2][3] / shard_wall:.2f} % of it (target < 5 %); "
