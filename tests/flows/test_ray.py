@@ -94,6 +94,26 @@ def assert_equals_reference(kit, campaign: Path, reference: Path) -> None:
     assert sorted_images(campaign).equals(sorted_images(reference))
 
 
+def test_ray_runner_settings():
+    """How `ray_address` maps onto RayTaskRunner / ray.init, and the Ray options of a shard task."""
+    from flows.ray_runner import check_runner, default_gpus_per_shard, ray_task_runner, shard_remote_options
+
+    local = ray_task_runner(None, {"num_cpus": 2})
+    assert (local.address, local.init_kwargs["address"], local.init_kwargs["num_cpus"]) == (None, "local", 2)
+    auto = ray_task_runner("auto")
+    assert (auto.address, auto.init_kwargs["address"]) == (None, "auto")  # join or fail, never start one
+    remote = ray_task_runner("10.0.0.1:6379")
+    assert remote.address == "10.0.0.1:6379" and "address" not in remote.init_kwargs
+    opts = shard_remote_options(1.0, 4.0, 3)
+    assert opts == {"num_gpus": 1, "num_cpus": 4, "max_retries": 3, "max_calls": 0, "retry_exceptions": False}
+    assert shard_remote_options(0.5, 1, 0)["num_gpus"] == 0.5
+    assert default_gpus_per_shard(2) == 2.0
+    for bad in (lambda: check_runner("dask"), lambda: default_gpus_per_shard(-1),
+                lambda: shard_remote_options(1, -1, 3)):
+        with pytest.raises(ValueError):
+            bad()
+
+
 def test_ray_labels_like_the_local_runner_over_two_workers_despite_a_killed_worker(
         kit, prefect_api, ray_cluster, small_world, reference_campaign, tmp_path):
     """One run proves both: the campaign labelled on Ray equals the local runner's row for row, shards spread
@@ -208,3 +228,22 @@ def test_label_campaign_ray_deployment_is_registered(prefect_server, deployed):
     assert d.work_pool_name == deployed
     assert d.parameters == {"runner": "ray", "ray_address": "auto"}
     assert "ray_address" in d.parameter_openapi_schema["properties"]
+
+
+def test_pipeline_passes_the_ray_settings_to_labeling_and_evaluation(prefect_api, monkeypatch, tmp_path):
+    """`fmbseg-pipeline` with runner="ray": labeling and evaluation get the Ray settings (the stages themselves
+    are covered above; here they are stand-ins recording their arguments)."""
+    import flows.pipeline as pipeline
+
+    calls: dict = {}
+    monkeypatch.setattr(pipeline, "label_campaign", lambda **kw: calls.setdefault("label", kw) and {"ok": 1})
+    monkeypatch.setattr(pipeline, "train_alignment_flow",
+                        lambda **kw: calls.setdefault("train", kw) and str(tmp_path / "c/train/h/model.pt"))
+    monkeypatch.setattr(pipeline, "evaluate_flow", lambda **kw: calls.setdefault("evaluate", kw) and {})
+    ray = dict(runner="ray", ray_address="auto", ray_init_kwargs={"runtime_env": {"working_dir": "."}})
+    pipeline.fmbseg_pipeline(images="imgs", vocab="a,b", campaign=str(tmp_path / "c"), eval_dataset="custom",
+                             eval_data_root="eval", gpus_per_shard=0.5, cpus_per_shard=3, **ray)
+    for key, value in ray.items():
+        assert calls["label"][key] == value and calls["evaluate"][key] == value
+    assert (calls["label"]["gpus_per_shard"], calls["label"]["cpus_per_shard"]) == (0.5, 3)
+    assert (calls["evaluate"]["gpus_per_task"], calls["evaluate"]["cpus_per_task"]) == (0.5, 3)
