@@ -21,6 +21,9 @@ Scale-out, two ways:
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import posixpath
 import time
 from typing import Any
 
@@ -35,7 +38,8 @@ from stages import models_cache
 from stages.label import LabelConfig, label_shard, plan_campaign, shards_for_rank
 from storage.campaign import read_manifest
 from storage.fs import CampaignRoot
-from storage.markers import read_done
+from storage.layout import DONE_DIR, done_path, parse_shard_file
+from storage.markers import DoneMarker
 
 # Errors that no retry can fix: bad arguments, a changed Stage-1 config, missing inputs.
 _PERMANENT_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError)
@@ -91,12 +95,21 @@ def pending_shards(campaign: str, shard_ids: list[int], retry_failed: bool = Fal
     done with failed images) -- what a run still has to submit."""
     root = CampaignRoot(campaign)
     stage1_hash = read_manifest(root).stage1_hash()
-    todo = []
-    for sid in shard_ids:
-        marker = read_done(root, sid)
-        if marker is None or marker.stage1_hash != stage1_hash or (retry_failed and marker.failed):
-            todo.append(int(sid))
-    return todo
+    # One listing of done/, then the existing markers fetched in one batch (s3fs fetches a list concurrently): a
+    # rerun of a 40 000-shard campaign on S3 must not cost 80 000 sequential requests before submitting anything.
+    have = {parse_shard_file(name) for name in root.listdir(DONE_DIR)}
+    with_marker = [int(s) for s in shard_ids if int(s) in have]
+    paths = [root.full(done_path(s)) for s in with_marker]
+    blobs = root.fs.cat(paths, on_error="omit") if paths else {}
+    ok = set()
+    for path, blob in blobs.items():
+        try:
+            marker = DoneMarker.from_json(json.loads(blob))
+        except (ValueError, TypeError):
+            continue  # unreadable: label_shard decides what to do with it
+        if marker.stage1_hash == stage1_hash and not (retry_failed and marker.failed):
+            ok.add(parse_shard_file(posixpath.basename(path.replace(os.sep, "/"))))
+    return [int(s) for s in shard_ids if int(s) not in ok]
 
 
 @flow(name="label-shards-ray")

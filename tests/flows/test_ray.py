@@ -114,6 +114,27 @@ def test_ray_runner_settings():
             bad()
 
 
+def test_pending_shards_are_those_without_a_matching_marker(reference_campaign, tmp_path):
+    """What a Ray run submits: shards without a done marker, with another Stage-1 hash, or (retry_failed) with
+    failed images -- read from one listing of done/ and one batch of marker reads."""
+    import json
+    import shutil
+
+    from flows.label_flow import pending_shards
+
+    campaign = tmp_path / "c"
+    shutil.copytree(reference_campaign, campaign)
+    assert pending_shards(str(campaign), list(range(12))) == []
+    (campaign / "done" / "000003.json").unlink()
+    stale = json.loads((campaign / "done" / "000005.json").read_text())
+    (campaign / "done" / "000005.json").write_text(json.dumps({**stale, "stage1_hash": "0" * 64}))
+    failed = json.loads((campaign / "done" / "000007.json").read_text())
+    (campaign / "done" / "000007.json").write_text(json.dumps({**failed, "failed": 1}))
+    assert pending_shards(str(campaign), list(range(12))) == [3, 5]
+    assert pending_shards(str(campaign), list(range(12)), retry_failed=True) == [3, 5, 7]
+    assert pending_shards(str(campaign), [7, 3, 11]) == [3]
+
+
 def test_ray_labels_like_the_local_runner_over_two_workers_despite_a_killed_worker(
         kit, prefect_api, ray_cluster, small_world, reference_campaign, tmp_path):
     """One run proves both: the campaign labelled on Ray equals the local runner's row for row, shards spread

@@ -93,7 +93,11 @@ def test_campaign_on_s3_label_status_train_and_plain_readers(s3, s3_endpoint, tm
 
     # Another node's writes are seen at once: here another client removes shard 1's marker (as if that shard's
     # commit had not happened yet); this process's s3fs must not answer from its cached listings.
+    from flows.label_flow import pending_shards
+
+    assert pending_shards(url, [0, 1]) == []
     s3.rm(f"{BUCKET}/campaigns/c1/done/000001.json")
+    assert pending_shards(url, [0, 1]) == [1]  # what a Ray run on any node would submit
     st = campaign_status(url)
     assert (st["shards_done"], st["images_ok"]) == (1, 2)
     redo = run_label(LabelConfig(campaign=url, **params), progress=False)
