@@ -16,6 +16,7 @@ time. Run on an idle machine for meaningful numbers (other processes on the core
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="tiny")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    # The Ray instances here are loopback-only and short-lived: no token authentication (a new local Ray 2.60
+    # instance would otherwise generate and keep a token in ~/.ray that later `ray start`s pick up).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-scaleout-"))
     n = args.shards * args.shard_size

@@ -51,6 +51,10 @@ def ray_cluster():
                  "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port"):
         cmd += [flag, str(free_port())]
     log_path = Path(tmp) / "head.log"
+    # No token authentication on this loopback-only cluster, whatever ~/.ray holds (Ray 2.60 turns it on when a
+    # token file exists): the head and this process (the driver of every flow run) agree on "disabled".
+    saved_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "RAY_DEDUP_LOGS": "0"})
@@ -63,6 +67,10 @@ def ray_cluster():
         yield f"{HOST}:{port}"
     finally:
         kill_tree(proc.pid, signal.SIGKILL)
+        if saved_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved_mode
 
 
 def hooks(hook_dir: Path, mode: str = "log") -> dict:
