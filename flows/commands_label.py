@@ -49,6 +49,18 @@ def register(subparsers) -> None:
                    help="images per SAM encoder batch (default: 1 on CPU, 4 on CUDA); never changes outputs on CPU")
     p.add_argument("--serial", action="store_true",
                    help="label image after image without the decode-ahead/write-behind pipeline (same outputs)")
+    ray = p.add_argument_group("scale-out on Ray (docs/ORCHESTRATION.md)")
+    ray.add_argument("--runner", default="local", choices=("local", "ray"),
+                     help="local: shards one after another in this process (default); ray: every not-yet-done "
+                     "shard a Prefect task on a Ray cluster (the label-campaign flow with prefect-ray)")
+    ray.add_argument("--ray-address", metavar="ADDR",
+                     help="with --runner ray: `auto` joins the cluster running on this machine, HOST:PORT or "
+                     "ray://HOST:10001 another one; default: start a local Ray instance for this run")
+    ray.add_argument("--gpus-per-shard", type=float, metavar="N",
+                     help="with --runner ray: GPUs each shard task asks for (default 1 when the cluster has GPUs, "
+                     "else 0; 0.5 runs two shards per GPU)")
+    ray.add_argument("--cpus-per-shard", type=float, default=1.0, metavar="N",
+                     help="with --runner ray: CPUs each shard task asks for (default 1)")
     p.set_defaults(func=cmd_label)
 
     s = subparsers.add_parser("status", help="show a campaign's progress, failures and masks per class")
@@ -104,6 +116,8 @@ def cmd_label(args: argparse.Namespace) -> int:
         raise UsageError(f"--sam-batch must be >= 1, got {args.sam_batch}")
     from stages.label_pipeline import ExecutionConfig
 
+    if args.runner == "ray":
+        return _label_on_ray(args)
     cfg = LabelConfig(
         images=args.images,
         vocab=args.vocab,
@@ -133,6 +147,45 @@ def cmd_label(args: argparse.Namespace) -> int:
         print(f"error: every one of the {summary['images']} images of this run failed (see `failures` above); "
               "check --images / --image-root, or repoint a moved campaign with --relocate", file=sys.stderr)
         return 1
+    return 0
+
+
+def _label_on_ray(args: argparse.Namespace) -> int:
+    """`fmbseg label --runner ray`: the label-campaign flow with runner="ray". Its Ray workers report to a
+    Prefect API: PREFECT_API_URL when set, else a temporary local server started for this run (an ephemeral
+    in-process API would not be reachable from the workers)."""
+    import contextlib
+    import tempfile
+
+    if args.world_size != 1 or args.rank != 0:
+        raise UsageError("--runner ray labels the whole campaign: leave --rank/--world-size out")
+    if args.gpus_per_shard is not None and args.gpus_per_shard < 0:
+        raise UsageError(f"--gpus-per-shard must be >= 0, got {args.gpus_per_shard}")
+    if args.cpus_per_shard < 0:
+        raise UsageError(f"--cpus-per-shard must be >= 0, got {args.cpus_per_shard}")
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.label_flow import label_campaign
+    from flows.server import client_settings, local_server
+
+    with contextlib.ExitStack() as stack:
+        if not PREFECT_API_URL.value():
+            home = stack.enter_context(tempfile.TemporaryDirectory(prefix="fmbseg-prefect-"))
+            server = stack.enter_context(local_server(home))
+            stack.enter_context(client_settings(server.api_url, server.home))
+        s = label_campaign(
+            images=args.images, vocab=args.vocab, campaign=args.campaign, preset=args.preset,
+            shard_size=args.shard_size, seed=args.seed, device=args.device, image_root=args.image_root,
+            stage1={} if args.dense_mode == "maskclip" else {"dense_mode": args.dense_mode},
+            overwrite=args.overwrite, retry_failed=args.retry_failed, runner="ray", ray_address=args.ray_address,
+            gpus_per_shard=args.gpus_per_shard, cpus_per_shard=args.cpus_per_shard,
+            allow_outside_root=args.allow_outside_root,
+        )
+    print(f"campaign   {s['campaign']}  (runner ray, {len(s['workers'])} worker processes)\n"
+          f"shards     {s['shards']}: {s['shards_labeled']} labelled, {s['shards_skipped']} already done\n"
+          f"images     {s['images']} labelled: {s['images_ok']} ok, {s['images_failed']} failed\n"
+          f"masks      {s['masks']}\n"
+          f"time       {s['seconds']:.1f} s ({s['images_per_s']:.2f} images/s)")
     return 0
 
 

@@ -8,13 +8,22 @@ Resuming: a shard whose done marker matches the campaign's Stage-1 config hash i
 after a crash or a kill labels only what is missing. Task-result caching is off on purpose: the done markers in
 the campaign are the single source of truth, valid across flow runs, workers and machines.
 
-Scale-out: run one flow per worker with `rank`/`world_size`; rank r labels the shards with `shard_id % world_size
-== r`, so no shard is labeled twice and none is skipped, whatever machine each rank runs on.
+Scale-out, two ways:
+- `runner="local"` (default): shard tasks run one after another in this process. Run one flow per worker with
+  `rank`/`world_size`; rank r labels the shards with `shard_id % world_size == r`, so no shard is labeled twice and
+  none is skipped, whatever machine each rank runs on.
+- `runner="ray"`: one flow run for the whole campaign; every not-yet-done shard is a Prefect task submitted to
+  prefect-ray's `RayTaskRunner` (subflow `label-shards-ray`), each asking Ray for `gpus_per_shard` GPUs and
+  `cpus_per_shard` CPUs, so Ray spreads the shards over every free GPU of the cluster as they finish
+  (flows/ray_runner.py says how the cluster is found, and how dead workers are handled).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import posixpath
 import time
 from typing import Any
 
@@ -23,7 +32,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from flows.artifacts import ShardProgress, artifact_key, publish_label_summary, summarize_label_results
+from flows.ray_runner import (check_runner, default_gpus_per_shard, ray_task_runner, shard_remote_options,
+                              worker_info)
+from stages import models_cache
 from stages.label import LabelConfig, label_shard, plan_campaign, shards_for_rank
+from storage.campaign import read_manifest
+from storage.fs import CampaignRoot
+from storage.layout import DONE_DIR, done_path, parse_shard_file
+from storage.markers import DoneMarker
 
 # Errors that no retry can fix: bad arguments, a changed Stage-1 config, missing inputs.
 _PERMANENT_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError)
@@ -45,11 +61,13 @@ def label_config(
     image_root: str | None = None,
     stage1: dict | None = None,
     overwrite: bool = False,
+    allow_outside_root: bool = False,
 ) -> dict:
     """The `stages.label.LabelConfig` fields as a plain dict (what tasks receive); validated by building it."""
     cfg = LabelConfig(
         images=images, vocab=vocab, campaign=campaign, preset=preset, shard_size=shard_size, seed=seed,
         device=device, image_root=image_root, stage1=dict(stage1 or {}), overwrite=overwrite,
+        allow_outside_root=allow_outside_root,
     )
     return dataclasses.asdict(cfg)
 
@@ -64,8 +82,83 @@ def plan_task(config: dict) -> list[int]:
 @task(name="label-shard", task_run_name="label-shard-{shard_id}", cache_policy=NO_CACHE, retries=3,
       retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5, retry_condition_fn=retry_unless_permanent)
 def label_shard_task(campaign: str, shard_id: int, device: str = "auto", retry_failed: bool = False) -> dict:
-    """Label one shard (a no-op returning `skipped=True` when it is already done)."""
-    return label_shard(campaign, shard_id, device=device, retry_failed=retry_failed)
+    """Label one shard (a no-op returning `skipped=True` when it is already done). The result also names the
+    host and process that ran it, how many model loads that process has done so far (`model_loads`), and the
+    wall-clock `started`/`finished` times (epoch seconds) of the stage call (scripts/bench_scaleout.py reads the
+    gaps between a worker's shards: the per-shard cost of Prefect and Ray)."""
+    started = time.time()
+    result = label_shard(campaign, shard_id, device=device, retry_failed=retry_failed)
+    return {**result, **worker_info(), "model_loads": models_cache.load_count(), "started": started,
+            "finished": time.time()}
+
+
+def pending_shards(campaign: str, shard_ids: list[int], retry_failed: bool = False) -> list[int]:
+    """The shards of `shard_ids` not done under the campaign's Stage-1 hash (with `retry_failed`: also those
+    done with failed images) -- what a run still has to submit."""
+    root = CampaignRoot(campaign)
+    stage1_hash = read_manifest(root).stage1_hash()
+    # One listing of done/, then the existing markers fetched in one batch (s3fs fetches a list concurrently): a
+    # rerun of a 40 000-shard campaign on S3 must not cost 80 000 sequential requests before submitting anything.
+    have = {parse_shard_file(name) for name in root.listdir(DONE_DIR)}
+    with_marker = [int(s) for s in shard_ids if int(s) in have]
+    paths = [root.full(done_path(s)) for s in with_marker]
+    blobs = root.fs.cat(paths, on_error="omit") if paths else {}
+    ok = set()
+    for path, blob in blobs.items():
+        try:
+            marker = DoneMarker.from_json(json.loads(blob))
+        except (ValueError, TypeError):
+            continue  # unreadable: label_shard decides what to do with it
+        if marker.stage1_hash == stage1_hash and not (retry_failed and marker.failed):
+            ok.add(parse_shard_file(posixpath.basename(path.replace(os.sep, "/"))))
+    return [int(s) for s in shard_ids if int(s) not in ok]
+
+
+@flow(name="label-shards-ray")
+def label_shards_ray(
+    campaign: str,
+    shard_ids: list[int],
+    device: str = "auto",
+    retry_failed: bool = False,
+    gpus_per_shard: float | None = None,
+    cpus_per_shard: float = 1.0,
+    shard_retries: int = 3,
+    retry_delay_seconds: float = 10.0,
+    worker_restarts: int = 3,
+    progress_key: str | None = None,
+) -> dict:
+    """Submit one `label-shard` task per shard to this flow's task runner (a `RayTaskRunner`, see
+    `label_campaign`); -> `{"results": [shard results], "failed": [shard ids], "gpus_per_shard": float}`.
+
+    `worker_restarts`: how often Ray re-runs a shard whose worker process or node died; `shard_retries`: how often
+    Prefect retries a shard that raised."""
+    from prefect_ray.context import remote_options
+
+    logger = get_run_logger()
+    gpus = default_gpus_per_shard(gpus_per_shard)
+    options = shard_remote_options(gpus, cpus_per_shard, worker_restarts)
+    logger.info("submitting %d shards to Ray, %s GPU and %s CPU each", len(shard_ids), options["num_gpus"],
+                options["num_cpus"])
+    shard_task = label_shard_task.with_options(
+        retries=shard_retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds)
+    )
+    with remote_options(**options):
+        futures = [(sid, shard_task.submit(campaign, sid, device=device, retry_failed=retry_failed))
+                   for sid in shard_ids]
+    progress = ShardProgress(progress_key, len(shard_ids), f"Labeling {campaign} on Ray") if progress_key else None
+    results: list[dict] = []
+    failed: list[int] = []
+    for sid, future in futures:
+        future.wait()
+        state = future.state
+        if state.is_completed():
+            results.append(future.result())
+        else:
+            failed.append(sid)
+            logger.error("shard %06d failed: %s", sid, state.message)
+        if progress is not None:
+            progress.advance()
+    return {"results": results, "failed": failed, "gpus_per_shard": gpus}
 
 
 @flow(name="label-campaign")
@@ -85,35 +178,74 @@ def label_campaign(
     retry_failed: bool = False,
     shard_retries: int = 3,
     retry_delay_seconds: float = 10.0,
+    runner: str = "local",
+    ray_address: str | None = None,
+    gpus_per_shard: float | None = None,
+    cpus_per_shard: float = 1.0,
+    ray_init_kwargs: dict | None = None,
+    allow_outside_root: bool = False,
 ) -> dict:
     """Label every shard of this rank's share of the campaign at `campaign` (local path or fsspec URL).
+
+    `runner`: "local" (shards one after another here) or "ray" (every not-yet-done shard a task on Ray, placed
+    wherever `gpus_per_shard` GPUs (default: 1 when the cluster has GPUs, else 0) and `cpus_per_shard` CPUs are
+    free; `ray_address`: None starts a local Ray instance, "auto" joins the running cluster, or an address;
+    `ray_init_kwargs`: more `ray.init` arguments, e.g. a `runtime_env`). With "ray", rank/world_size must stay
+    0/1: Ray spreads the shards itself.
 
     `images` is a folder or a COCO JSON (`image_root` for its files), `vocab` a comma list, a file or a built-in
     name, `stage1` overrides Stage-1 settings. Shards that fail after `shard_retries` retries (delays
     `retry_delay_seconds` x 1, 2, 4, ...) do not stop the others; the flow fails at the end naming them, and a
-    rerun labels just those. Returns the run summary (see `flows.artifacts.summarize_label_results`) with
+    rerun labels just those. `allow_outside_root`: read COCO file names that leave the image root. Returns the run
+    summary (see `flows.artifacts.summarize_label_results`) with
     `shard_ids`, `labeled`, `skipped` and `failed` shard lists."""
     logger = get_run_logger()
+    check_runner(runner)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}, "
                          f"world_size={world_size}")
-    config = label_config(images, vocab, campaign, preset, shard_size, seed, device, image_root, stage1, overwrite)
+    if runner == "ray" and world_size != 1:
+        raise ValueError("runner='ray' labels the whole campaign from one flow run: leave rank=0, world_size=1 "
+                         "(Ray places the shards on the cluster's workers)")
+    config = label_config(images, vocab, campaign, preset, shard_size, seed, device, image_root, stage1, overwrite,
+                          allow_outside_root)
     all_shards = plan_task(config)
     mine = [int(s) for s in shards_for_rank(all_shards, rank, world_size)]
     logger.info("campaign %s: %d shards planned, rank %d/%d labels %d of them",
                 campaign, len(all_shards), rank, world_size, len(mine))
 
-    progress = ShardProgress(artifact_key("label-progress", campaign, rank), len(mine),
-                             f"Labeling {campaign} (rank {rank}/{world_size})")
-    shard_task = label_shard_task.with_options(
-        retries=shard_retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds)
-    )
     results: list[dict] = []
     labeled: list[int] = []
     skipped: list[int] = []
     failed: list[int] = []
     t0 = time.perf_counter()
-    for shard_id in mine:
+    if runner == "ray":
+        todo = pending_shards(campaign, mine, retry_failed)
+        pending = set(todo)
+        done_already = [s for s in mine if s not in pending]
+        skipped.extend(done_already)
+        results.extend({"shard_id": s, "skipped": True} for s in done_already)
+        if todo:
+            on_ray = label_shards_ray.with_options(task_runner=ray_task_runner(ray_address, ray_init_kwargs))
+            out = on_ray(campaign, todo, device=device, retry_failed=retry_failed, gpus_per_shard=gpus_per_shard,
+                         cpus_per_shard=cpus_per_shard, shard_retries=shard_retries,
+                         retry_delay_seconds=retry_delay_seconds,
+                         progress_key=artifact_key("label-progress", campaign, rank))
+            for r in out["results"]:
+                results.append(r)
+                (skipped if r.get("skipped") else labeled).append(int(r["shard_id"]))
+            failed.extend(out["failed"])
+            for sid in failed:
+                logger.error("shard %06d failed after retries", sid)
+        mine_iter: list[int] = []
+    else:
+        mine_iter = mine
+    progress = ShardProgress(artifact_key("label-progress", campaign, rank), len(mine_iter),
+                             f"Labeling {campaign} (rank {rank}/{world_size})") if runner == "local" else None
+    shard_task = label_shard_task.with_options(
+        retries=shard_retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds)
+    )
+    for shard_id in mine_iter:
         state = shard_task(campaign, shard_id, device=device, retry_failed=retry_failed, return_state=True)
         if state.is_completed():
             result = state.result()
@@ -128,7 +260,9 @@ def label_campaign(
     logger.info("labeling summary: %s", summary)
     summary.update(
         campaign=campaign, rank=rank, world_size=world_size, shard_ids=mine, labeled=labeled, skipped=skipped,
-        failed=failed,
+        failed=failed, runner=runner,
+        workers=sorted({(r["host"], r["pid"]) for r in results if "pid" in r and not r.get("skipped")}),
+        shard_results=[r for r in results if not r.get("skipped")],
     )
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(mine)} shards failed after retries: {failed}; "

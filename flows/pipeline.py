@@ -4,9 +4,10 @@ Each stage keeps its own config hash and its own notion of done (DESIGN §5), so
 crash recomputes only what is missing, and changing only a training setting retrains and re-evaluates without
 touching Stage 1 (every shard task is then a no-op on its done marker).
 
-Scale-out: with `world_size > 1` every rank labels its share of the shards; rank 0 then waits until the whole
-campaign is done (other ranks may run on other machines sharing the campaign store) and trains and evaluates,
-the other ranks stop after labeling.
+Scale-out: with `runner="ray"` one pipeline run labels every shard on a Ray cluster (and evaluates one task per
+segmenter there), see flows/ray_runner.py. With the local runner and `world_size > 1` every rank labels its share
+of the shards; rank 0 then waits until the whole campaign is done (other ranks may run on other machines sharing
+the campaign store) and trains and evaluates, the other ranks stop after labeling.
 
 Demo mode (`demo_root`): a synthetic world (DESIGN §6) is written under `demo_root` when missing and fills in every
 input and output path, so `prefect deployment run 'fmbseg-pipeline/demo'` needs no other parameter.
@@ -91,6 +92,11 @@ def fmbseg_pipeline(
     demo_train_images: int = 40,
     demo_eval_images: int = 8,
     wait_timeout_s: float = 7 * 24 * 3600.0,
+    runner: str = "local",
+    ray_address: str | None = None,
+    gpus_per_shard: float | None = None,
+    cpus_per_shard: float = 1.0,
+    ray_init_kwargs: dict | None = None,
 ) -> dict:
     """Label `images` into `campaign`, train the alignment module on it, evaluate it on `eval_dataset`
     (skipped when None) and draw overlays on `overlay_images` (skipped when None).
@@ -98,7 +104,9 @@ def fmbseg_pipeline(
     Label parameters are those of `label-campaign`; `train` overrides training settings (`train-alignment`);
     `eval_*` are those of `evaluate` (`eval_out` defaults to `<campaign>/eval/<training hash>`). With `demo_root`
     set, the inputs are a synthetic world written there (`demo_train_images` + a disjoint `demo_eval_images`),
-    outputs go under it, and evaluation and overlays run on the evaluation world.
+    outputs go under it, and evaluation and overlays run on the evaluation world. `runner`, `ray_address`,
+    `gpus_per_shard`, `cpus_per_shard`, `ray_init_kwargs`: as in `label-campaign`; with `runner="ray"` the
+    evaluation also runs on Ray, one task per segmenter (training stays in this flow run's process).
     Returns the paths and summaries of every stage."""
     logger = get_run_logger()
     if demo_root is not None:
@@ -121,7 +129,8 @@ def fmbseg_pipeline(
     label = label_campaign(
         images=images, vocab=vocab, campaign=campaign, preset=preset, shard_size=shard_size, seed=seed,
         device=device, image_root=image_root, stage1=stage1, overwrite=overwrite, rank=rank,
-        world_size=world_size, retry_failed=retry_failed,
+        world_size=world_size, retry_failed=retry_failed, runner=runner, ray_address=ray_address,
+        gpus_per_shard=gpus_per_shard, cpus_per_shard=cpus_per_shard, ray_init_kwargs=ray_init_kwargs,
     )
     result: dict = {"campaign": campaign, "label": label}
     if rank != 0:
@@ -139,7 +148,9 @@ def fmbseg_pipeline(
         eval_out = eval_out or default_eval_out(campaign, checkpoint)
         result["evaluation"] = evaluate_flow(
             dataset=eval_dataset, data_root=eval_data_root, out=eval_out, models=eval_models,
-            checkpoint=checkpoint, preset=preset, device=device, stage1=stage1,
+            checkpoint=checkpoint, preset=preset, device=device, stage1=stage1, runner=runner,
+            ray_address=ray_address, gpus_per_task=gpus_per_shard, cpus_per_task=cpus_per_shard,
+            ray_init_kwargs=ray_init_kwargs,
         )
         result["eval_out"] = eval_out
     if overlay_images is not None:

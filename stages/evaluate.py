@@ -273,3 +273,33 @@ def format_results(dataset: str, results: dict) -> str:
     for m, r in results.items():
         rows.append(f"{dataset:<14} {m:<10} {_fmt(r['mIoU']):>7} {_fmt(r['mAcc']):>7} {_fmt(r['aAcc']):>7}")
     return "\n".join(rows)
+
+
+# -- fan-out: one (dataset, segmenter) pair per task, merged afterwards (flows/evaluate_flow.py, runner="ray") --
+def evaluate_one(dataset: str, data_root: str, model: str, checkpoint: str | None = None, preset: str | None = None,
+                 device: str = "auto", stage1: dict | None = None, limit: int | None = None) -> dict:
+    """Evaluate one segmenter on one benchmark without touching any report (tasks running side by side must not
+    read-modify-write the same results.json); -> `{"dataset": report key, "results": {model: ...}}` for
+    `merge_evaluations`. The metrics equal those `evaluate` computes for the model in a combined run."""
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="fmbseg-eval-")
+    try:
+        results = evaluate(dataset, data_root, [model], scratch, checkpoint=checkpoint, preset=preset,
+                           device=device, stage1=stage1, limit=limit, progress=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"dataset": report_key(dataset, data_root), "results": results}
+
+
+def merge_evaluations(out: str, parts: Sequence[dict]) -> dict:
+    """Merge `evaluate_one` results into `out`'s results.json / results.md / IoU charts (what earlier runs wrote
+    there is kept, as with `evaluate`); -> the merged report."""
+    if not parts:
+        raise ValueError("no evaluation results to merge")
+    merged = _merge_results(out, parts[0]["dataset"], parts[0]["results"])
+    for part in parts[1:]:
+        merged["results"].setdefault(part["dataset"], {}).update(part["results"])
+    write_reports(out, merged)
+    return merged

@@ -62,6 +62,10 @@ class LabelConfig:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     allow_outside_root: bool = False  # read COCO file names that leave the image root (`../`, absolute, symlinks)
 
+    def __post_init__(self):
+        if isinstance(self.execution, dict):  # a config that travelled as JSON (flows pass plain dicts)
+            self.execution = ExecutionConfig(**self.execution)
+
 
 # -- Stage-1 config ---------------------------------------------------------------------------------------------
 def build_stage1_config(preset: str, overrides: dict | None = None):

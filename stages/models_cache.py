@@ -15,6 +15,7 @@ from fmbseg.vocab import Vocabulary
 
 _MODELS: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _TEXT: dict[tuple, torch.Tensor] = {}
+_LOADS = [0]  # models built by get_models in this process (shows that a worker reuses its models)
 
 
 def _key(preset: str, device: str | torch.device, dense_mode: str) -> tuple[str, str, str]:
@@ -29,7 +30,13 @@ def get_models(preset: str, device: str | torch.device = "auto", dense_mode: str
 
         dev = resolve_device(device)
         _MODELS[key] = (make_clip(preset, dev, dense_mode=dense_mode), make_sam(preset, dev))
+        _LOADS[0] += 1
     return _MODELS[key]
+
+
+def load_count() -> int:
+    """How many (CLIP, SAM) pairs `get_models` has built in this process so far."""
+    return _LOADS[0]
 
 
 def register_models(preset: str, device: str | torch.device, clip: Any, sam: Any) -> None:

@@ -237,19 +237,26 @@ class CampaignRoot:
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.full_url(rel)} is not valid JSON ({e})") from None
 
+    def _fresh(self, full: str) -> str:
+        """`full`, with the filesystem's cached listings of it dropped: object-store clients (s3fs, gcsfs) cache
+        directory listings per process, and other nodes write into the campaign (done markers) meanwhile."""
+        if not self.is_local:
+            self.fs.invalidate_cache(full)
+        return full
+
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.full(rel))
+        return self.fs.exists(self._fresh(self.full(rel)))
 
     def listdir(self, rel: str) -> list[str]:
         """Names (not paths) directly under `rel`; [] when `rel` does not exist."""
-        full = self.full(rel)
+        full = self._fresh(self.full(rel))
         if not self.fs.exists(full):
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(full, detail=False))
 
     def find(self, rel: str) -> list[str]:
         """Every file under `rel`, as paths relative to `rel` (POSIX), sorted."""
-        full = self.full(rel)
+        full = self._fresh(self.full(rel))
         if not self.fs.exists(full):
             return []
         base = self.fs._strip_protocol(full).rstrip("/")
