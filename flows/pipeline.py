@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.demo import DemoLayout, write_demo_world
 from flows.evaluate_flow import evaluate_flow
 from flows.export_flow import publish_pseudo_label_sample
+from flows.stats_flow import campaign_stats_flow
 from flows.label_flow import label_campaign
 from flows.train_flow import train_alignment_flow
 from stages.label import campaign_status
@@ -140,6 +141,8 @@ def fmbseg_pipeline(
         result["campaign_status"] = wait_for_campaign_task(campaign, wait_timeout_s)
     if "://" not in campaign:  # pictures of a few pseudo-labels as a UI artifact (local campaigns)
         result["pseudo_labels"] = publish_pseudo_label_sample(campaign)
+    # Label quality without ground truth (Stage 1.1/1.2 agreement, coverage, ...), published as an artifact.
+    result["stats"] = campaign_stats_flow(campaign=campaign, out=posixpath.join(campaign.rstrip("/"), "stats"))
 
     checkpoint = train_alignment_flow(campaign=campaign, train=train, out=train_out, device=device)
     result["checkpoint"] = checkpoint
