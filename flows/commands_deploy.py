@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 from flows.cli import UsageError
+from flows.gpu import GPU_TAG
 
 DEFAULT_POOL = "fmbseg"
-GPU_TAG = "fmbseg-gpu"
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -17,13 +17,14 @@ import os
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.gpu import GPU_TAG
 from flows.artifacts import artifact_key, publish_markdown
 from flows.label_flow import retry_unless_permanent
 from flows.ray_runner import check_runner, default_gpus_per_shard, ray_task_runner, shard_remote_options, worker_info
 from stages.evaluate import evaluate, evaluate_one, merge_evaluations, report_key, resolve_models
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
+@task(name="evaluate", tags=[GPU_TAG], cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
       retry_condition_fn=retry_unless_permanent)
 def evaluate_task(dataset: str, data_root: str, models: str | list[str], out: str, checkpoint: str | None,
                   preset: str | None, device: str, stage1: dict) -> dict:
@@ -32,7 +33,7 @@ def evaluate_task(dataset: str, data_root: str, models: str | list[str], out: st
                     stage1=stage1, progress=False)
 
 
-@task(name="evaluate-one", task_run_name="evaluate-{model}-{dataset}", cache_policy=NO_CACHE, retries=1,
+@task(name="evaluate-one", tags=[GPU_TAG], task_run_name="evaluate-{model}-{dataset}", cache_policy=NO_CACHE, retries=1,
       retry_delay_seconds=10, retry_condition_fn=retry_unless_permanent)
 def evaluate_one_task(dataset: str, data_root: str, model: str, checkpoint: str | None, preset: str | None,
                       device: str, stage1: dict) -> dict:

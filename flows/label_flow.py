@@ -31,6 +31,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from flows.gpu import GPU_TAG
 from flows.artifacts import ShardProgress, artifact_key, publish_label_summary, summarize_label_results
 from flows.ray_runner import (check_runner, default_gpus_per_shard, ray_task_runner, shard_remote_options,
                               worker_info)
@@ -79,7 +80,7 @@ def plan_task(config: dict) -> list[int]:
     return [int(s) for s in plan_campaign(LabelConfig(**config))]
 
 
-@task(name="label-shard", task_run_name="label-shard-{shard_id}", cache_policy=NO_CACHE, retries=3,
+@task(name="label-shard", tags=[GPU_TAG], task_run_name="label-shard-{shard_id}", cache_policy=NO_CACHE, retries=3,
       retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5, retry_condition_fn=retry_unless_permanent)
 def label_shard_task(campaign: str, shard_id: int, device: str = "auto", retry_failed: bool = False) -> dict:
     """Label one shard (a no-op returning `skipped=True` when it is already done). The result also names the

@@ -12,6 +12,7 @@ import dataclasses
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.gpu import GPU_TAG
 from flows.artifacts import artifact_key, markdown_table, publish_markdown
 from flows.label_flow import retry_unless_permanent
 from stages.train import TrainConfig, train_alignment
@@ -25,7 +26,7 @@ def train_config(train: dict | None = None, device: str | None = None) -> dict:
     return dataclasses.asdict(TrainConfig.from_dict(train))
 
 
-@task(name="train-alignment", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
+@task(name="train-alignment", tags=[GPU_TAG], cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
       retry_condition_fn=retry_unless_permanent)
 def train_task(campaign: str, config: dict, out: str | None = None) -> str:
     """-> the checkpoint path (an interrupted attempt resumes from its last finished epoch on retry)."""

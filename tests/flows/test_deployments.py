@@ -120,7 +120,7 @@ def test_fmbseg_deploy_onto_another_pool_with_a_gpu_limit_then_back(prefect_serv
     import subprocess
     import sys
 
-    from flows.commands_deploy import GPU_TAG
+    from flows.gpu import GPU_TAG
 
     env = prefect_server.env()
     env.pop("FMBSEG_WORK_POOL", None)
@@ -145,4 +145,6 @@ def test_fmbseg_deploy_onto_another_pool_with_a_gpu_limit_then_back(prefect_serv
             assert client.read_work_pool("gpu-box").type == "process"
     finally:
         deploy()
+        # The limit must not outlive this test: a slot held by a task another test kills would stall later ones.
+        prefect_server.cli("concurrency-limit", "delete", GPU_TAG, check=False)
     assert {pools()[n] for n in EXPECTED} == {deployed}
