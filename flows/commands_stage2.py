@@ -16,9 +16,15 @@ def register(subparsers) -> None:
         "The checkpoint goes to <campaign>/train/<config-hash>/model.pt unless --out is given; a finished one "
         "with the same settings is reused, an interrupted one resumes from its last finished epoch.")
     t.add_argument("--campaign", required=True, metavar="DIR", help="campaign directory or fsspec URL")
-    t.add_argument("--epochs", type=int, default=10, metavar="N", help="training epochs (default 10)")
-    t.add_argument("--cache-features", action="store_true",
-                   help="cache DINOv2 features in <campaign>/features/ (fp16) and read them after the first epoch")
+    t.add_argument("--epochs", default="auto", metavar="N|auto",
+                   help="training epochs; auto (default): 10, or enough epochs for >= 2000 steps at batch 5 on a "
+                   "small campaign (max of the two); the plan is printed before training")
+    cache = t.add_mutually_exclusive_group()
+    cache.add_argument("--cache-features", dest="cache", action="store_const", const=True, default="auto",
+                       help="always cache DINOv2 features in <campaign>/features/ (fp16; default: cache when "
+                       "the disk has room; the size is printed first)")
+    cache.add_argument("--no-cache", dest="cache", action="store_const", const=False,
+                       help="recompute DINOv2 features every epoch (no feature cache)")
     t.add_argument("--out", metavar="CKPT", help="checkpoint path (default <campaign>/train/<hash>/model.pt)")
     t.add_argument("--train-size", type=int, default=448, metavar="PX",
                    help="training view: short side resized, centre-cropped square, a multiple of 14 (default 448)")
@@ -57,6 +63,19 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def _epochs(text: str) -> int | str:
+    """`--epochs` value: "auto" or an integer >= 1 (a UsageError otherwise)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"--epochs must be >= 1 or auto, got {text}")
+    return value
+
+
 def _check_device(device: str) -> None:
     from fmbseg.device import resolve_device
 
@@ -69,12 +88,11 @@ def _check_device(device: str) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from stages.train import TrainConfig, train_alignment
 
-    if args.epochs < 1:
-        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     _check_device(args.device)
     if "://" not in args.campaign and not os.path.isfile(os.path.join(args.campaign, "campaign.json")):
         raise UsageError(f"no campaign at {args.campaign} (campaign.json missing): run `fmbseg label` first")
-    cfg = TrainConfig(epochs=args.epochs, cache_features=args.cache_features, device=args.device,
+    epochs = _epochs(args.epochs)
+    cfg = TrainConfig(epochs=epochs, cache_features=args.cache, device=args.device,
                       train_size=args.train_size, batch_size=args.batch_size, seed=args.seed)
     path = train_alignment(args.campaign, cfg, out=args.out, progress=not args.no_progress)
     print(path)

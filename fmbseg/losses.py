@@ -37,13 +37,16 @@ def tsupcon(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, temperatu
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     num_classes = text.shape[0]
-    labels = labels.to(device=z.device, dtype=torch.long)
+    # Ignored patches are dropped where the labels live: labels on the host (as Stage-2 training passes them)
+    # cost no device sync, since the kept rows are gathered by an index tensor sent to z's device.
+    labels = labels.to(torch.long)
     keep = labels >= 0
     if bool((labels[keep] >= num_classes).any()):
         raise ValueError(f"labels must be < K = {num_classes} (or negative for ignore); max is {int(labels.max())}")
-    z = F.normalize(z[keep].float(), dim=-1)
-    y = labels[keep]
-    m = z.shape[0]
+    kept = keep.nonzero().squeeze(1)                   # (M',) on the labels' device
+    m = int(kept.shape[0])
+    y = labels.index_select(0, kept).to(z.device)
+    z = F.normalize(z.index_select(0, kept.to(z.device)).float(), dim=-1)
     if m == 0:
         return z.sum() * 0.0
     t = F.normalize(text.to(z.device).float(), dim=-1)

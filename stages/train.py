@@ -17,11 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import copy
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -29,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 import fmbseg
-from fmbseg.alignment import AlignmentConfig, build_alignment, patch_labels, train_label_view, train_view
+from fmbseg.alignment import (AlignmentConfig, build_alignment, init_head_to_anchors, patch_labels,
+                              train_label_view, train_view)
 from fmbseg.checkpoint import checkpoint_exists, is_finished, load_checkpoint, save_checkpoint
 from fmbseg.device import autocast, resolve_device, synchronize
 from fmbseg.images import load_image
@@ -42,17 +45,49 @@ from storage.reader import CampaignReader
 # Settings that do not change the trained weights, left out of the train hash.
 UNHASHED = ("device",)
 
+# `--epochs auto`: the paper's 10 epochs, or enough epochs for this many SGD steps at the reference batch of 5
+# images, whichever is more. The budget is counted in image passes at batch 5 (issue 8: batch 1 with 1000 steps
+# does not align), so a larger --batch-size gets the same epochs, i.e. fewer steps.
+AUTO_MIN_EPOCHS = 10
+AUTO_MIN_STEPS = 2000
+AUTO_REF_BATCH = 5
 
-# Fewer SGD steps than this rarely align the module with the text space (DESIGN §1: ~1000 steps at tau 0.1).
+# Fewer SGD steps than this rarely align the module with the text space (docs/STAGE2.md).
 MIN_USEFUL_STEPS = 1000
+
+INITS = ("default", "anchors")
+
+# `cache_features="auto"` caches when the cache takes at most this fraction of the free disk space.
+CACHE_MAX_FREE_FRACTION = 0.5
+
+
+# A run of many short epochs (a small campaign under `--epochs auto`) rewrites its checkpoint at most this often.
+MAX_CHECKPOINTS = 50
+
+
+def checkpoint_every(epochs: int) -> int:
+    """The checkpoint is written every this many epochs, and after the last: every epoch up to 50 epochs."""
+    return max(1, math.ceil(epochs / MAX_CHECKPOINTS))
+
+
+def auto_epochs(images: int) -> int:
+    """max(10, the fewest epochs giving >= 2000 steps at batch 5) for a campaign of `images` images."""
+    steps_per_epoch = max(1, math.ceil(images / AUTO_REF_BATCH))
+    return max(AUTO_MIN_EPOCHS, math.ceil(AUTO_MIN_STEPS / steps_per_epoch))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """DESIGN §1 Stage-2 defaults. `cache_features` is hashed: cached features are fp16, so a cached run's weights
-    differ (slightly) from an uncached one's."""
+    """DESIGN §1 Stage-2 defaults.
 
-    epochs: int = 10
+    `epochs`: an integer or "auto" (`auto_epochs` of the campaign's image count). `cache_features`: True, False or
+    "auto" (cache when the disk has room, see `resolve_cache`). Both are resolved before hashing (`resolved`), so
+    the train hash names what actually ran: cached features are fp16, so a cached run's weights differ (slightly)
+    from an uncached one's and the two never share a checkpoint. `init`: "default" (torch's initialisation) or
+    "anchors" (the final linear map starts at the ridge-regression fit from the initial block's outputs to the
+    text anchors of the patch labels, `fmbseg.alignment.init_head_to_anchors`; the loss is unchanged)."""
+
+    epochs: int | str = "auto"
     batch_size: int = 5
     lr: float = 0.1
     momentum: float = 0.9
@@ -60,15 +95,19 @@ class TrainConfig:
     temperature: float = 0.1
     train_size: int = 448
     seed: int = 0
-    cache_features: bool = False
+    cache_features: bool | str = "auto"
+    init: str = "default"
     device: str = "auto"
 
     def __post_init__(self):
         problems = []
         for name in ("epochs", "batch_size", "train_size"):
             v = getattr(self, name)
+            if name == "epochs" and v == "auto":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                problems.append(f"{name} must be an integer >= 1 (got {v!r})")
+                problems.append(f"{name} must be an integer >= 1{' or auto' if name == 'epochs' else ''} "
+                                f"(got {v!r})")
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)!r})")
@@ -76,11 +115,22 @@ class TrainConfig:
             problems.append(f"momentum must be in [0, 1) (got {self.momentum!r})")
         if self.weight_decay < 0:
             problems.append(f"weight_decay must be >= 0 (got {self.weight_decay!r})")
+        if self.cache_features not in (True, False, "auto"):
+            problems.append(f"cache_features must be true, false or auto (got {self.cache_features!r})")
+        if self.init not in INITS:
+            problems.append(f"init must be one of {list(INITS)} (got {self.init!r})")
         if problems:
             raise ValueError("invalid train config: " + "; ".join(problems))
 
     def hashed(self) -> dict:
+        if self.epochs == "auto" or self.cache_features == "auto":
+            raise ValueError("resolve epochs and cache_features (TrainConfig.resolved) before hashing")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in UNHASHED}
+
+    def resolved(self, images: int, cache: bool) -> "TrainConfig":
+        """This config with `epochs` = auto_epochs(images) when "auto" and `cache_features` = `cache` when "auto"."""
+        return replace(self, epochs=auto_epochs(images) if self.epochs == "auto" else self.epochs,
+                       cache_features=cache if self.cache_features == "auto" else self.cache_features)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -130,11 +180,35 @@ def _load_view(path: str, size: int) -> torch.Tensor:
     return train_view(image, None, size)[0]
 
 
-def _payload(module, align_cfg, cfg, vocab, text, encoders, epoch, thash, campaign, stage1_hash, opt, sched) -> dict:
+def count_images(reader: CampaignReader) -> int:
+    """Training images of the campaign: the ok images of its done shards (what `_load_train_set` reads)."""
+    return sum(len(reader.labels(sid).image_ids) for sid in reader.done())
+
+
+def resolve_cache(root: CampaignRoot, nbytes: int, complete: bool) -> tuple[bool, str]:
+    """`cache_features="auto"`: (cache?, why). On when a finished cache exists, or when the campaign is on a
+    local disk whose free space is at least nbytes / CACHE_MAX_FREE_FRACTION; off on remote storage (reading
+    features back over the network is not the cheap path the cache is for)."""
+    if complete:
+        return True, "a finished cache exists"
+    if not root.is_local:
+        return False, "the campaign is not on a local disk"
+    folder = root.full("")
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder) or "."
+    free = shutil.disk_usage(folder).free
+    if nbytes <= CACHE_MAX_FREE_FRACTION * free:
+        return True, f"{free / 2**30:.1f} GiB free"
+    return False, f"only {free / 2**30:.1f} GiB free, the cache needs {nbytes / 2**30:.2f} GiB (x2 headroom)"
+
+
+def _payload(module, align_cfg, cfg, vocab, text, encoders, epoch, thash, campaign, stage1_hash, opt, sched,
+             plan) -> dict:
     return {
         "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "config": {"alignment": align_cfg.to_json(), "train": asdict(cfg), "train_hash": thash,
                    "campaign": campaign, "stage1_hash": stage1_hash},
+        "plan": plan,
         "vocabulary": vocab.to_json(),
         "text": text.detach().cpu(),
         "encoders": encoders,
@@ -147,34 +221,77 @@ def _payload(module, align_cfg, cfg, vocab, text, encoders, epoch, thash, campai
     }
 
 
+def _prefetch(items, load: Callable, depth: int = 2):
+    """Yield (item, load(item)) with up to `depth` loads running ahead in a background thread, in order.
+    An exception in `load` is raised here, at its item."""
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        pending = []
+        it = iter(items)
+        for item in it:
+            pending.append((item, ahead.submit(load, item)))
+            if len(pending) > depth:
+                break
+        while pending:
+            item, future = pending.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, ahead.submit(load, nxt)))
+            yield item, future.result()
+
+
+def _format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | None = None,
                     on_epoch_end: Callable[[int, str, dict], None] | None = None, progress: bool = True,
                     dino=None, clip=None) -> str:
     """Train (or resume, or reuse) the alignment module of `campaign`; returns the checkpoint path.
 
-    `on_epoch_end(epochs_finished, checkpoint_path, stats)` is called after each epoch's checkpoint is written (an
-    exception there stops training like an interruption would); `stats` = {"loss": mean batch loss, "seconds":
-    the epoch's feature + training time without the checkpoint write, "cached": features read from the cache}. `dino` / `clip` replace the campaign preset's
-    models (benchmarks with randomly initialised full-width architectures); the checkpoint names what was used."""
+    `cfg.epochs` "auto" and `cfg.cache_features` "auto" are resolved first (`TrainConfig.resolved`); the plan
+    (epochs, steps, estimated time) is printed before the first step and recorded in the checkpoint (`plan`).
+    The checkpoint is rewritten every `checkpoint_every(epochs)` epochs (every epoch up to 50) and after the last.
+    `on_epoch_end(epochs_finished, checkpoint_path, stats)` is called after each epoch, after its checkpoint when it
+    writes one (an exception there stops training like an interruption would; the run resumes from the last
+    checkpoint); `stats` = {"loss": mean batch loss, "seconds": the epoch's feature + training time without the
+    checkpoint write, "cached": features read from the cache, "checkpoint": whether this epoch wrote one}.
+    `dino` / `clip` replace the campaign preset's models (benchmarks with randomly initialised full-width
+    architectures); the checkpoint names what was used."""
     from fmbseg.presets import make_clip, make_dino
 
     reader = CampaignReader(campaign)
     manifest = reader.manifest
     vocab = Vocabulary.from_json(manifest.vocabulary)
-    thash = train_hash(cfg, reader.stage1_hash)
     root = CampaignRoot(campaign)
-    ckpt_path = out or root.full_url(f"train/{thash}/model.pt")
+    n_images = count_images(reader)
+    if not n_images:
+        raise ValueError(f"campaign {reader.root.url} has no labelled images yet: run `fmbseg label` first")
 
-    resume = None
-    if checkpoint_exists(ckpt_path):
-        previous = load_checkpoint(ckpt_path)
-        if previous.get("train_hash") != thash:
-            raise ValueError(f"{ckpt_path} holds a training with other settings (train hash "
-                             f"{previous.get('train_hash')}, this one {thash}); choose another --out or remove it")
+    def path_for(c: TrainConfig) -> tuple[str, str]:
+        h = train_hash(c, reader.stage1_hash)
+        return h, out or root.full_url(f"train/{h}/model.pt")
+
+    # Candidates for an existing checkpoint: when the cache setting is "auto", a run that chose either way
+    # before (its checkpoint is found under its own hash) is reused or resumed as it was.
+    choices = (True, False) if cfg.cache_features == "auto" else (bool(cfg.cache_features),)
+    resume, run_cfg, thash, ckpt_path = None, None, None, None
+    for cache_choice in choices:
+        c = cfg.resolved(n_images, cache_choice)
+        h, path = path_for(c)
+        if not checkpoint_exists(path):
+            continue
+        previous = load_checkpoint(path)
+        if previous.get("train_hash") != h:
+            if out is not None and cache_choice is not choices[-1]:
+                continue
+            raise ValueError(f"{path} holds a training with other settings (train hash "
+                             f"{previous.get('train_hash')}, this one {h}); choose another --out or remove it")
         if is_finished(previous):
-            print(f"train: {ckpt_path} is already trained ({previous['epoch']} epochs, hash {thash})", file=sys.stderr)
-            return ckpt_path
-        resume = previous
+            print(f"train: {path} is already trained ({previous['epoch']} epochs, hash {h})", file=sys.stderr)
+            return path
+        resume, run_cfg, thash, ckpt_path = previous, c, h, path
+        break
 
     device = resolve_device(cfg.device)
     dino = dino if dino is not None else make_dino(manifest.preset, device=str(device))
@@ -182,7 +299,8 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
     p = dino.patch_size
     if cfg.train_size % p:
         raise ValueError(f"train_size {cfg.train_size} is not a multiple of the DINOv2 patch size {p}")
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        # once per vocabulary, in float32 whatever the training precision
         prompts = [q[0] if len(q) == 1 else q for q in vocab.prompts()]
         text = torch.nn.functional.normalize(clip.encode_text(prompts).float(), dim=-1).to(device)
     encoders = {"dino": {"model_id": dino.model_id, "weights_sha256": dino.weights_sha256},
@@ -192,13 +310,35 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
 
     data = _load_train_set(reader, cfg.train_size, p, len(vocab))
     n, grid = len(data.image_ids), cfg.train_size // p
+    key = encoder_key(dino.model_id, dino.weights_sha256, cfg.train_size, data.image_ids)
+    cache = FeatureCache(root, key, data.image_ids, grid, dino.embed_dim)
+    cache_why = "--cache-features" if cfg.cache_features is True else "--no-cache"
+    if run_cfg is None:
+        use_cache = bool(cfg.cache_features)
+        if cfg.cache_features == "auto":
+            use_cache, cache_why = resolve_cache(root, cache.nbytes, cache.is_complete())
+        run_cfg = cfg.resolved(n, use_cache)
+        thash, ckpt_path = path_for(run_cfg)
+    else:
+        cache_why = "as the run being resumed"
+    if not run_cfg.cache_features:
+        cache = None
     align_cfg = AlignmentConfig(in_dim=dino.embed_dim, out_dim=int(text.shape[1]))
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = math.ceil(n / run_cfg.batch_size)
+    epochs = run_cfg.epochs
+    total_steps = epochs * steps_per_epoch
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(run_cfg.seed)
     module = build_alignment(align_cfg).to(device)
-    opt = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch, eta_min=0.0)
+    labels_all = torch.from_numpy(data.labels)
+    if run_cfg.init == "anchors" and resume is None:
+        sample = list(range(min(n, ANCHOR_INIT_IMAGES)))
+        feats = _features(sample, data, run_cfg, dino, device, cache if cache is not None and cache.is_complete()
+                          else None)
+        init_head_to_anchors(module, feats, labels_all[sample], text)
+    opt = torch.optim.SGD(module.parameters(), lr=run_cfg.lr, momentum=run_cfg.momentum,
+                          weight_decay=run_cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=0.0)
     start_epoch = 0
     if resume is not None:
         module.load_state_dict(resume["model"])
@@ -206,73 +346,130 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
         sched.load_state_dict(resume["resume"]["scheduler"])
         torch.set_rng_state(resume["resume"]["rng"])
         start_epoch = int(resume["epoch"])
-        print(f"train: resuming {ckpt_path} after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
+        print(f"train: resuming {ckpt_path} after epoch {start_epoch}/{epochs}", file=sys.stderr)
 
-    _write_config(ckpt_path, {"train": asdict(cfg), "train_hash": thash, "alignment": align_cfg.to_json(),
-                              "campaign": campaign, "stage1_hash": reader.stage1_hash, "encoders": encoders,
-                              "vocabulary": vocab.to_json(), "images": n, "steps_per_epoch": steps_per_epoch,
-                              "version": fmbseg.__version__})
-
-    total_steps = cfg.epochs * steps_per_epoch
+    # The plan, with an estimate from one batch of features and one (throwaway) training step.
+    reading_from_start = cache is not None and cache.is_complete()
+    first = list(range(min(n, run_cfg.batch_size)))
+    t0 = time.perf_counter()
+    feats = _features(first, data, run_cfg, dino, device, cache if reading_from_start else None)
+    synchronize(device)
+    t_feat = (time.perf_counter() - t0) / len(first)
+    t_step = _time_one_step(module, run_cfg, feats, labels_all[first], text, device)
+    remaining = epochs - start_epoch
+    every = checkpoint_every(epochs)
+    feature_epochs = 0 if reading_from_start else (min(1, remaining) if cache is not None else remaining)
+    estimate = t_step * remaining * steps_per_epoch + t_feat * n * feature_epochs
+    plan = {"epochs": epochs, "epochs_setting": cfg.epochs, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps, "images": n, "batch_size": run_cfg.batch_size,
+            "rule": f"max({AUTO_MIN_EPOCHS}, ceil({AUTO_MIN_STEPS} / ceil(images / {AUTO_REF_BATCH})))",
+            "cache_features": run_cfg.cache_features, "cache_setting": cfg.cache_features,
+            "estimated_seconds": round(estimate, 1), "device": str(device), "checkpoint_every": every}
+    why = (f"auto: max({AUTO_MIN_EPOCHS}, >= {AUTO_MIN_STEPS} steps at batch {AUTO_REF_BATCH})"
+           if cfg.epochs == "auto" else "as asked")
+    print(f"train: plan: {epochs} epochs ({why}) x {steps_per_epoch} steps = {total_steps} SGD steps; {n} images, "
+          f"batch {run_cfg.batch_size}, {run_cfg.train_size} px, features "
+          f"{'cached' if cache is not None else 'recomputed every epoch'} ({cache_why}); estimated "
+          f"{_format_seconds(estimate)} on {device}" + (f" for the {remaining} epochs left" if start_epoch else ""),
+          file=sys.stderr)
     if total_steps < MIN_USEFUL_STEPS:
-        # TSupCon's text anchors weigh K / (M + K) of the loss, so the module needs many steps to reach the text
-        # space; a small campaign at the default 10 epochs stops long before.
-        print(f"train: warning: only {total_steps} SGD steps ({n} images, batch {cfg.batch_size}, {cfg.epochs} "
-              f"epochs); the alignment typically needs ~{MIN_USEFUL_STEPS} or more: raise --epochs",
+        print(f"train: warning: only {total_steps} SGD steps ({n} images, batch {run_cfg.batch_size}, {epochs} "
+              f"epochs); the alignment typically needs ~{MIN_USEFUL_STEPS} or more: use --epochs auto",
               file=sys.stderr)
 
-    cache = None
-    if cfg.cache_features:
-        key = encoder_key(dino.model_id, dino.weights_sha256, cfg.train_size, data.image_ids)
-        cache = FeatureCache(root, key, data.image_ids, grid, dino.embed_dim)
-    labels_all = torch.from_numpy(data.labels)
+    _write_config(ckpt_path, {"train": asdict(run_cfg), "train_hash": thash, "alignment": align_cfg.to_json(),
+                              "campaign": campaign, "stage1_hash": reader.stage1_hash, "encoders": encoders,
+                              "vocabulary": vocab.to_json(), "images": n, "steps_per_epoch": steps_per_epoch,
+                              "plan": plan, "version": fmbseg.__version__})
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for epoch in range(start_epoch, cfg.epochs):
-            reading = cache is not None and cache.is_complete()
-            writing = cache is not None and not reading
-            if writing:
-                print(f"train: writing feature cache {cache.url}: {n} images x {grid}x{grid}x{dino.embed_dim} fp16 "
-                      f"= {cache.nbytes / 2**20:.1f} MiB", file=sys.stderr)
-                cache.create()
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
-            batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress,
-                       file=sys.stderr, dynamic_ncols=True)
-            t0, total = time.perf_counter(), 0.0
-            for idx in bar:
-                if reading:
-                    feats = cache.read(idx).to(device).float()
-                else:
-                    views = torch.stack(list(pool.map(lambda i: _load_view(data.paths[i], cfg.train_size), idx)))
-                    with torch.no_grad(), autocast(device):
-                        feats = dino.features(views.to(device)).float()
-                    if cache is not None:
-                        feats = feats.half().float()   # every epoch sees what the cache holds
-                        cache.write(idx, feats)
-                with autocast(device):
-                    z = module(feats)
-                loss = tsupcon(z.reshape(-1, z.shape[-1]), labels_all[idx].reshape(-1).to(device), text,
-                               cfg.temperature)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                value = loss.item()
-                total += value
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{sched.get_last_lr()[0]:.4f}")
-            bar.close()
-            if writing:
-                cache.mark_complete()
-            synchronize(device)
-            stats = {"loss": total / len(batches), "seconds": time.perf_counter() - t0, "cached": reading}
-            print(f"train: epoch {epoch + 1}/{cfg.epochs} mean loss {stats['loss']:.4f} "
+    cached_complete = cache is not None and cache.is_complete()
+    for epoch in range(start_epoch, epochs):
+        reading = cached_complete
+        writing = cache is not None and not reading
+        if writing:
+            print(f"train: writing feature cache {cache.url}: {n} images x {grid}x{grid}x{dino.embed_dim} fp16 "
+                  f"= {cache.nbytes / 2**20:.1f} MiB", file=sys.stderr)
+            cache.create()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(run_cfg.seed * 1_000_003 + epoch)).tolist()
+        batches = [order[i:i + run_cfg.batch_size] for i in range(0, n, run_cfg.batch_size)]
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=device)      # the loss stays on the device: one host sync per epoch
+        load = (lambda idx: cache.read_host(idx, pin=device.type == "cuda")) if reading else \
+            (lambda idx: _load_views(data, idx, run_cfg.train_size))
+        for idx, host in _prefetch(batches, load):
+            if reading:
+                feats = host.to(device, non_blocking=True).float()
+            else:
+                feats = _encode(dino, host, device)
+                if cache is not None:
+                    feats = feats.half().float()   # every epoch sees what the cache holds
+                    cache.write(idx, feats)
+            with autocast(device):
+                z = module(feats)
+            # labels stay on the host: tsupcon drops ignored patches there, without a device sync
+            loss = tsupcon(z.reshape(-1, z.shape[-1]), labels_all[idx].reshape(-1), text, run_cfg.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach()
+            bar.update(1)
+            bar.set_postfix(lr=f"{sched.get_last_lr()[0]:.4f}", refresh=False)
+        bar.close()
+        if writing:
+            cache.mark_complete()
+            cached_complete = True
+        stats = {"loss": total.item() / len(batches), "seconds": time.perf_counter() - t0, "cached": reading,
+                 "checkpoint": (epoch + 1) % every == 0 or epoch + 1 == epochs}
+        if stats["checkpoint"]:
+            print(f"train: epoch {epoch + 1}/{epochs} mean loss {stats['loss']:.4f} "
                   f"({stats['seconds']:.1f} s{', features from cache' if reading else ''})", file=sys.stderr)
-            save_checkpoint(ckpt_path, _payload(module, align_cfg, cfg, vocab, text, encoders, epoch + 1, thash,
-                                                campaign, reader.stage1_hash, opt, sched))
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, ckpt_path, stats)
+            save_checkpoint(ckpt_path, _payload(module, align_cfg, run_cfg, vocab, text, encoders, epoch + 1, thash,
+                                                campaign, reader.stage1_hash, opt, sched, plan))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, ckpt_path, stats)
     return ckpt_path
+
+
+# The `init="anchors"` ridge fit uses the first images' patches (a few thousand patches fix a C x D map).
+ANCHOR_INIT_IMAGES = 32
+
+
+def _load_views(data: _TrainSet, idx: list[int], size: int) -> torch.Tensor:
+    """(B, 3, size, size) training views of the images at `idx` (decoded in parallel threads)."""
+    with ThreadPoolExecutor(max_workers=min(8, len(idx), os.cpu_count() or 1)) as pool:
+        return torch.stack(list(pool.map(lambda i: _load_view(data.paths[i], size), idx)))
+
+
+def _encode(dino, views: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with torch.no_grad(), autocast(device):
+        return dino.features(views.to(device)).float()
+
+
+def _features(idx: list[int], data: _TrainSet, cfg: TrainConfig, dino, device, cache) -> torch.Tensor:
+    """(B, g, g, C) float32 features of the images at `idx`: from a finished cache, else computed (fp16-rounded
+    when the run caches, as training sees them)."""
+    if cache is not None:
+        return cache.read(idx).to(device).float()
+    feats = _encode(dino, _load_views(data, idx, cfg.train_size), device)
+    return feats.half().float() if cfg.cache_features else feats
+
+
+def _time_one_step(module, cfg: TrainConfig, feats, labels, text, device) -> float:
+    """Seconds of one training step, on a copy of the module (the run's weights, optimiser and RNG untouched)."""
+    probe = copy.deepcopy(module)
+    opt = torch.optim.SGD(probe.parameters(), lr=0.0, momentum=cfg.momentum)
+    t0 = time.perf_counter()
+    with autocast(device):
+        z = probe(feats)
+    loss = tsupcon(z.reshape(-1, z.shape[-1]), labels.reshape(-1), text, cfg.temperature)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    synchronize(device)
+    return time.perf_counter() - t0
 
 
 def _write_config(ckpt_path: str, config: dict) -> None:
