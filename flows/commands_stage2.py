@@ -26,8 +26,9 @@ def register(subparsers) -> None:
     cache.add_argument("--no-cache", dest="cache", action="store_const", const=False,
                        help="recompute DINOv2 features every epoch (no feature cache)")
     t.add_argument("--out", metavar="CKPT", help="checkpoint path (default <campaign>/train/<hash>/model.pt)")
-    t.add_argument("--train-size", type=int, default=448, metavar="PX",
-                   help="training view: short side resized, centre-cropped square, a multiple of 14 (default 448)")
+    t.add_argument("--train-size", default="auto", metavar="PX|auto",
+                   help="training view: short side resized, centre-cropped square, a multiple of 14; auto "
+                   "(default): 448, or 224 on a campaign of fewer than 500 images (where auto epochs add steps)")
     t.add_argument("--batch-size", type=int, default=5, metavar="N", help="images per SGD step (default 5)")
     t.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
@@ -63,8 +64,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_predict)
 
 
-def _epochs(text: str) -> int | str:
-    """`--epochs` value: "auto" or an integer >= 1 (a UsageError otherwise)."""
+def _int_or_auto(flag: str, text: str) -> int | str:
+    """A flag's value: "auto" or an integer >= 1 (a UsageError otherwise)."""
     if text == "auto":
         return text
     try:
@@ -72,7 +73,7 @@ def _epochs(text: str) -> int | str:
     except ValueError:
         value = 0
     if value < 1:
-        raise UsageError(f"--epochs must be >= 1 or auto, got {text}")
+        raise UsageError(f"{flag} must be >= 1 or auto, got {text}")
     return value
 
 
@@ -88,12 +89,13 @@ def _check_device(device: str) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from stages.train import TrainConfig, train_alignment
 
+    epochs = _int_or_auto("--epochs", args.epochs)
+    train_size = _int_or_auto("--train-size", args.train_size)
     _check_device(args.device)
     if "://" not in args.campaign and not os.path.isfile(os.path.join(args.campaign, "campaign.json")):
         raise UsageError(f"no campaign at {args.campaign} (campaign.json missing): run `fmbseg label` first")
-    epochs = _epochs(args.epochs)
     cfg = TrainConfig(epochs=epochs, cache_features=args.cache, device=args.device,
-                      train_size=args.train_size, batch_size=args.batch_size, seed=args.seed)
+                      train_size=train_size, batch_size=args.batch_size, seed=args.seed)
     path = train_alignment(args.campaign, cfg, out=args.out, progress=not args.no_progress)
     print(path)
     return 0

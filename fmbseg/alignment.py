@@ -163,27 +163,3 @@ def patch_labels(label: np.ndarray, patch: int, num_classes: int, ignore: int = 
     covered = counts[np.arange(h * w), best] * 2 > patch * patch
     return np.where(covered, best, -1).reshape(h, w)
 
-
-@torch.no_grad()
-def init_head_to_anchors(module: AlignmentModule, feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
-                         ridge: float = 1e-3) -> None:
-    """Initialise the final linear map so the module's outputs start at the text anchors of their patch labels.
-
-    feats (B, h, w, C) frozen features, labels (B, h, w) patch labels (negative = ignored), text (K, D) anchors.
-    Solves the ridge regression  min_W,b Σ_i ||W x_i + b - t_{y_i}||² + λ ||W||²  over the kept patches, where
-    x_i is the patch's output of the freshly initialised block, λ = `ridge` · mean(diag XᵀX), in float64.
-    Only the head changes; the loss is untouched. Without any kept patch the head keeps its initialisation."""
-    b, h, w, c = feats.shape
-    x = module.block(feats.to(module.head.weight.device, torch.float32).reshape(b, h * w, c)).reshape(-1, c)
-    y = labels.reshape(-1).to(x.device)
-    keep = y >= 0
-    if not bool(keep.any()):
-        return
-    x = torch.cat([x[keep].double(), torch.ones(int(keep.sum()), 1, dtype=torch.float64, device=x.device)], 1)
-    target = text.to(x.device, torch.float64)[y[keep]]                                # (M, D)
-    gram = x.T @ x                                                                    # (C + 1, C + 1)
-    reg = torch.eye(c + 1, dtype=torch.float64, device=x.device) * (ridge * gram.diagonal()[:c].mean())
-    reg[c, c] = 0.0                                                                   # the bias is not shrunk
-    solution = torch.linalg.solve(gram + reg, x.T @ target)                           # (C + 1, D)
-    module.head.weight.copy_(solution[:c].T.to(module.head.weight.dtype))
-    module.head.bias.copy_(solution[c].to(module.head.bias.dtype))

@@ -4,12 +4,19 @@
 `train_size`, runs frozen DINOv2 on the same views, and trains one alignment block with TSupCon against the fixed
 text embeddings of the campaign's vocabulary (from the CLIP model of the campaign's preset).
 
-Output: `<campaign>/train/<train-hash>/model.pt` (or `out`), rewritten whole after every finished epoch with
-the optimiser, scheduler and RNG state, and `model.config.json` beside it (the resolved config). The train hash
-covers the training settings that change the weights (not the device) and the campaign's Stage-1 config hash,
-so changing a training setting never reruns Stage 1 and rerunning the same training reuses its checkpoint.
-An interrupted run resumes from its last finished epoch and ends with the weights an uninterrupted run has:
-each epoch's shuffle comes from its own seeded generator, and the optimiser, scheduler and torch RNG are restored.
+Schedule: `epochs="auto"` (the default) trains max(10, the epochs giving >= 2000 SGD steps at batch 5), and
+`train_size="auto"` uses 448 px, or 224 px below 500 images; the plan (epochs, steps, estimated time) is
+printed before the first step and stored in the checkpoint (`plan`). See docs/STAGE2.md for why small campaigns
+need the step floor. The DINOv2 feature cache (`stages/features_cache.py`) is on when the disk has room.
+
+Output: `<campaign>/train/<train-hash>/model.pt` (or `out`), rewritten whole every `checkpoint_every(epochs)`
+epochs (every epoch up to 50) and after the last, with the optimiser, scheduler and RNG state, and
+`model.config.json` beside it (the resolved config). The train hash covers the resolved training settings that
+change the weights (not the device; the cache choice is covered, since cached features are fp16) and the
+campaign's Stage-1 config hash, so changing a training setting never reruns Stage 1 and rerunning the same
+training reuses its checkpoint. An interrupted run resumes from its last checkpoint and ends with the weights an
+uninterrupted run has: each epoch's shuffle comes from its own seeded generator, and the optimiser, scheduler
+and torch RNG are restored.
 """
 
 from __future__ import annotations
@@ -31,8 +38,7 @@ import torch
 from tqdm import tqdm
 
 import fmbseg
-from fmbseg.alignment import (AlignmentConfig, build_alignment, init_head_to_anchors, patch_labels,
-                              train_label_view, train_view)
+from fmbseg.alignment import AlignmentConfig, build_alignment, patch_labels, train_label_view, train_view
 from fmbseg.checkpoint import checkpoint_exists, is_finished, load_checkpoint, save_checkpoint
 from fmbseg.device import autocast, resolve_device, synchronize
 from fmbseg.images import load_image
@@ -55,8 +61,6 @@ AUTO_REF_BATCH = 5
 # Fewer SGD steps than this rarely align the module with the text space (docs/STAGE2.md).
 MIN_USEFUL_STEPS = 1000
 
-INITS = ("default", "anchors")
-
 # `cache_features="auto"` caches when the cache takes at most this fraction of the free disk space.
 CACHE_MAX_FREE_FRACTION = 0.5
 
@@ -70,6 +74,18 @@ def checkpoint_every(epochs: int) -> int:
     return max(1, math.ceil(epochs / MAX_CHECKPOINTS))
 
 
+# `train_size="auto"`: DESIGN's 448 px view, or 224 px on a campaign small enough that `--epochs auto` at least
+# doubles the paper's 10 epochs (< 500 images). There the 2000-step floor multiplies the number of steps by
+# 1000 / images, and each step's TSupCon cost grows with the square of the patches per batch (5 x 32² at 448,
+# 5 x 16² at 224: 16x less): measured on the 2-core CPU, 2000 steps at 448 take hours, at 224 minutes.
+AUTO_SIZE_LARGE, AUTO_SIZE_SMALL, AUTO_SIZE_MIN_IMAGES = 448, 224, 500
+
+
+def auto_train_size(images: int) -> int:
+    """448 for a campaign of >= 500 images, else 224."""
+    return AUTO_SIZE_LARGE if images >= AUTO_SIZE_MIN_IMAGES else AUTO_SIZE_SMALL
+
+
 def auto_epochs(images: int) -> int:
     """max(10, the fewest epochs giving >= 2000 steps at batch 5) for a campaign of `images` images."""
     steps_per_epoch = max(1, math.ceil(images / AUTO_REF_BATCH))
@@ -80,12 +96,11 @@ def auto_epochs(images: int) -> int:
 class TrainConfig:
     """DESIGN §1 Stage-2 defaults.
 
-    `epochs`: an integer or "auto" (`auto_epochs` of the campaign's image count). `cache_features`: True, False or
-    "auto" (cache when the disk has room, see `resolve_cache`). Both are resolved before hashing (`resolved`), so
-    the train hash names what actually ran: cached features are fp16, so a cached run's weights differ (slightly)
-    from an uncached one's and the two never share a checkpoint. `init`: "default" (torch's initialisation) or
-    "anchors" (the final linear map starts at the ridge-regression fit from the initial block's outputs to the
-    text anchors of the patch labels, `fmbseg.alignment.init_head_to_anchors`; the loss is unchanged)."""
+    `epochs`: an integer or "auto" (`auto_epochs` of the campaign's image count). `train_size`: a multiple of the
+    DINOv2 patch or "auto" (`auto_train_size`). `cache_features`: True, False or "auto" (cache when the disk has
+    room, see `resolve_cache`). All three are resolved before hashing (`resolved`), so the train hash names what
+    actually ran: cached features are fp16, so a cached run's weights differ (slightly) from an uncached one's and
+    the two never share a checkpoint; an explicit setting equal to what "auto" resolves to shares the hash."""
 
     epochs: int | str = "auto"
     batch_size: int = 5
@@ -93,20 +108,19 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     temperature: float = 0.1
-    train_size: int = 448
+    train_size: int | str = "auto"
     seed: int = 0
     cache_features: bool | str = "auto"
-    init: str = "default"
     device: str = "auto"
 
     def __post_init__(self):
         problems = []
         for name in ("epochs", "batch_size", "train_size"):
             v = getattr(self, name)
-            if name == "epochs" and v == "auto":
+            if name in ("epochs", "train_size") and v == "auto":
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                problems.append(f"{name} must be an integer >= 1{' or auto' if name == 'epochs' else ''} "
+                problems.append(f"{name} must be an integer >= 1{'' if name == 'batch_size' else ' or auto'} "
                                 f"(got {v!r})")
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
@@ -117,19 +131,19 @@ class TrainConfig:
             problems.append(f"weight_decay must be >= 0 (got {self.weight_decay!r})")
         if self.cache_features not in (True, False, "auto"):
             problems.append(f"cache_features must be true, false or auto (got {self.cache_features!r})")
-        if self.init not in INITS:
-            problems.append(f"init must be one of {list(INITS)} (got {self.init!r})")
         if problems:
             raise ValueError("invalid train config: " + "; ".join(problems))
 
     def hashed(self) -> dict:
-        if self.epochs == "auto" or self.cache_features == "auto":
-            raise ValueError("resolve epochs and cache_features (TrainConfig.resolved) before hashing")
+        if "auto" in (self.epochs, self.train_size, self.cache_features):
+            raise ValueError("resolve epochs, train_size and cache_features (TrainConfig.resolved) before hashing")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in UNHASHED}
 
     def resolved(self, images: int, cache: bool) -> "TrainConfig":
-        """This config with `epochs` = auto_epochs(images) when "auto" and `cache_features` = `cache` when "auto"."""
+        """This config with every "auto" resolved for a campaign of `images` images: epochs = auto_epochs(images),
+        train_size = auto_train_size(images), cache_features = `cache`."""
         return replace(self, epochs=auto_epochs(images) if self.epochs == "auto" else self.epochs,
+                       train_size=auto_train_size(images) if self.train_size == "auto" else self.train_size,
                        cache_features=cache if self.cache_features == "auto" else self.cache_features)
 
     @classmethod
@@ -297,8 +311,9 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
     dino = dino if dino is not None else make_dino(manifest.preset, device=str(device))
     clip = clip if clip is not None else make_clip(manifest.preset, device=str(device))
     p = dino.patch_size
-    if cfg.train_size % p:
-        raise ValueError(f"train_size {cfg.train_size} is not a multiple of the DINOv2 patch size {p}")
+    size = cfg.resolved(n_images, False).train_size
+    if size % p:
+        raise ValueError(f"train_size {size} is not a multiple of the DINOv2 patch size {p}")
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         # once per vocabulary, in float32 whatever the training precision
         prompts = [q[0] if len(q) == 1 else q for q in vocab.prompts()]
@@ -308,9 +323,9 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
                 "preset": manifest.preset}
     del clip  # only its text embeddings are needed from here on
 
-    data = _load_train_set(reader, cfg.train_size, p, len(vocab))
-    n, grid = len(data.image_ids), cfg.train_size // p
-    key = encoder_key(dino.model_id, dino.weights_sha256, cfg.train_size, data.image_ids)
+    data = _load_train_set(reader, size, p, len(vocab))
+    n, grid = len(data.image_ids), size // p
+    key = encoder_key(dino.model_id, dino.weights_sha256, size, data.image_ids)
     cache = FeatureCache(root, key, data.image_ids, grid, dino.embed_dim)
     cache_why = "--cache-features" if cfg.cache_features is True else "--no-cache"
     if run_cfg is None:
@@ -331,11 +346,6 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
     torch.manual_seed(run_cfg.seed)
     module = build_alignment(align_cfg).to(device)
     labels_all = torch.from_numpy(data.labels)
-    if run_cfg.init == "anchors" and resume is None:
-        sample = list(range(min(n, ANCHOR_INIT_IMAGES)))
-        feats = _features(sample, data, run_cfg, dino, device, cache if cache is not None and cache.is_complete()
-                          else None)
-        init_head_to_anchors(module, feats, labels_all[sample], text)
     opt = torch.optim.SGD(module.parameters(), lr=run_cfg.lr, momentum=run_cfg.momentum,
                           weight_decay=run_cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=0.0)
@@ -364,11 +374,14 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
             "total_steps": total_steps, "images": n, "batch_size": run_cfg.batch_size,
             "rule": f"max({AUTO_MIN_EPOCHS}, ceil({AUTO_MIN_STEPS} / ceil(images / {AUTO_REF_BATCH})))",
             "cache_features": run_cfg.cache_features, "cache_setting": cfg.cache_features,
+            "train_size": run_cfg.train_size, "train_size_setting": cfg.train_size,
             "estimated_seconds": round(estimate, 1), "device": str(device), "checkpoint_every": every}
     why = (f"auto: max({AUTO_MIN_EPOCHS}, >= {AUTO_MIN_STEPS} steps at batch {AUTO_REF_BATCH})"
            if cfg.epochs == "auto" else "as asked")
+    size_why = f" (auto: {'>=' if n >= AUTO_SIZE_MIN_IMAGES else '<'} {AUTO_SIZE_MIN_IMAGES} images)" \
+        if cfg.train_size == "auto" else ""
     print(f"train: plan: {epochs} epochs ({why}) x {steps_per_epoch} steps = {total_steps} SGD steps; {n} images, "
-          f"batch {run_cfg.batch_size}, {run_cfg.train_size} px, features "
+          f"batch {run_cfg.batch_size}, {run_cfg.train_size} px{size_why}, features "
           f"{'cached' if cache is not None else 'recomputed every epoch'} ({cache_why}); estimated "
           f"{_format_seconds(estimate)} on {device}" + (f" for the {remaining} epochs left" if start_epoch else ""),
           file=sys.stderr)
@@ -383,6 +396,9 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
                               "plan": plan, "version": fmbseg.__version__})
 
     cached_complete = cache is not None and cache.is_complete()
+    # one bar for the run: a small campaign has hundreds of short epochs
+    bar = tqdm(total=remaining * steps_per_epoch, unit="step", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
     for epoch in range(start_epoch, epochs):
         reading = cached_complete
         writing = cache is not None and not reading
@@ -392,8 +408,7 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
             cache.create()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(run_cfg.seed * 1_000_003 + epoch)).tolist()
         batches = [order[i:i + run_cfg.batch_size] for i in range(0, n, run_cfg.batch_size)]
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress,
-                   file=sys.stderr, dynamic_ncols=True)
+        bar.set_description(f"epoch {epoch + 1}/{epochs}")
         t0 = time.perf_counter()
         total = torch.zeros((), device=device)      # the loss stays on the device: one host sync per epoch
         load = (lambda idx: cache.read_host(idx, pin=device.type == "cuda")) if reading else \
@@ -417,7 +432,6 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
             total += loss.detach()
             bar.update(1)
             bar.set_postfix(lr=f"{sched.get_last_lr()[0]:.4f}", refresh=False)
-        bar.close()
         if writing:
             cache.mark_complete()
             cached_complete = True
@@ -430,11 +444,8 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
                                                 campaign, reader.stage1_hash, opt, sched, plan))
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, ckpt_path, stats)
+    bar.close()
     return ckpt_path
-
-
-# The `init="anchors"` ridge fit uses the first images' patches (a few thousand patches fix a C x D map).
-ANCHOR_INIT_IMAGES = 32
 
 
 def _load_views(data: _TrainSet, idx: list[int], size: int) -> torch.Tensor:
@@ -457,19 +468,23 @@ def _features(idx: list[int], data: _TrainSet, cfg: TrainConfig, dino, device, c
     return feats.half().float() if cfg.cache_features else feats
 
 
-def _time_one_step(module, cfg: TrainConfig, feats, labels, text, device) -> float:
-    """Seconds of one training step, on a copy of the module (the run's weights, optimiser and RNG untouched)."""
+def _time_one_step(module, cfg: TrainConfig, feats, labels, text, device, repeats: int = 3) -> float:
+    """Seconds of one training step: the fastest of `repeats` steps (the first pays one-off warm-up costs) on a
+    copy of the module, so the run's weights, optimiser and RNG are untouched."""
     probe = copy.deepcopy(module)
     opt = torch.optim.SGD(probe.parameters(), lr=0.0, momentum=cfg.momentum)
-    t0 = time.perf_counter()
-    with autocast(device):
-        z = probe(feats)
-    loss = tsupcon(z.reshape(-1, z.shape[-1]), labels.reshape(-1), text, cfg.temperature)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    synchronize(device)
-    return time.perf_counter() - t0
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with autocast(device):
+            z = probe(feats)
+        loss = tsupcon(z.reshape(-1, z.shape[-1]), labels.reshape(-1), text, cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _write_config(ckpt_path: str, config: dict) -> None:
