@@ -162,4 +162,3 @@ def patch_labels(label: np.ndarray, patch: int, num_classes: int, ignore: int = 
     best = counts[:, :num_classes].argmax(1)
     covered = counts[np.arange(h * w), best] * 2 > patch * patch
     return np.where(covered, best, -1).reshape(h, w)
-

@@ -71,8 +71,9 @@ def tsupcon(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, temperatu
     # Patch-patch term: the mean over positives of (-s(z_i, z_l) + lse_i) = lse_i - mean_pos s(z_i, z_l), with
     # Σ_{l≠i, y_l=y_i} z_i·z_l = z_i·(Σ_{y_l=y_i} z_l) - z_i·z_i from the (K, D) class sums: no (M, M) mask.
     class_sums = onehot.T @ z                                                       # (K, D)
-    self_sim = (z * z).sum(1)                                                       # (M,) = 1 up to rounding
-    pos_sim = ((z * class_sums[y]).sum(1) - self_sim) / temperature                 # (M,)
+    same_class = (z @ class_sums.T).gather(1, y[:, None]).squeeze(1)                # (M,) Σ_{y_l=y_i} z_i·z_l
+    self_sim = torch.bmm(z[:, None, :], z[:, :, None]).reshape(-1)                  # (M,) z_i·z_i, = 1 ± rounding
+    pos_sim = (same_class - self_sim) / temperature                                 # (M,)
     n_pos = per_class_count[y] - 1.0                                                # (M,)
     l_im = torch.where(n_pos > 0, lse_zz - pos_sim / n_pos.clamp(min=1.0), torch.zeros_like(lse_zz))
 
