@@ -25,6 +25,9 @@ def register(subparsers) -> None:
                        "the disk has room; the size is printed first)")
     cache.add_argument("--no-cache", dest="cache", action="store_const", const=False,
                        help="recompute DINOv2 features every epoch (no feature cache)")
+    t.add_argument("--no-procrustes", action="store_true",
+                   help="do not turn the output space to the text anchors after each epoch (the paper's plain "
+                   "SGD; aligns more slowly, see docs/STAGE2.md)")
     t.add_argument("--out", metavar="CKPT", help="checkpoint path (default <campaign>/train/<hash>/model.pt)")
     t.add_argument("--train-size", default="auto", metavar="PX|auto",
                    help="training view: short side resized, centre-cropped square, a multiple of 14; auto "
@@ -95,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "://" not in args.campaign and not os.path.isfile(os.path.join(args.campaign, "campaign.json")):
         raise UsageError(f"no campaign at {args.campaign} (campaign.json missing): run `fmbseg label` first")
     cfg = TrainConfig(epochs=epochs, cache_features=args.cache, device=args.device,
-                      train_size=train_size, batch_size=args.batch_size, seed=args.seed)
+                      train_size=train_size, batch_size=args.batch_size, seed=args.seed,
+                      procrustes=not args.no_procrustes)
     path = train_alignment(args.campaign, cfg, out=args.out, progress=not args.no_progress)
     print(path)
     return 0

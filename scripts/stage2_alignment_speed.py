@@ -80,6 +80,28 @@ def probe_init_head(module, feats: torch.Tensor, labels: torch.Tensor, text: tor
     module.head.bias.copy_(solution[c].to(module.head.bias.dtype))
 
 
+@torch.no_grad()
+def procrustes_rotate(module, feats, labels, text, opt=None) -> None:
+    """Rotate the module's output space (W <- RW, b <- Rb, and the head's momentum buffers) by the orthogonal R
+    that best turns the class centroids of its embeddings to their text anchors (orthogonal Procrustes,
+    R = U Vᵀ from the SVD of Σ_k t_k c_kᵀ). The patch-patch term of TSupCon is invariant under any rotation of
+    the embeddings, so this lowers only the patch-text term: a step along a symmetry of the dominant term."""
+    b, h, w, c = feats.shape
+    z = module(feats).reshape(-1, text.shape[1])
+    y = labels.reshape(-1)
+    present = [k for k in range(text.shape[0]) if bool((y == k).any())]
+    cents = F.normalize(torch.stack([z[y == k].mean(0) for k in present]), dim=-1)     # (K', D)
+    u, _, vh = torch.linalg.svd(text[present].T.double() @ cents.double())              # (D, D)
+    r = (u @ vh).float()
+    module.head.weight.copy_(r @ module.head.weight)
+    module.head.bias.copy_(r @ module.head.bias)
+    if opt is not None:
+        for p in (module.head.weight, module.head.bias):
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                buf.copy_(r @ buf)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-size", type=int, default=224)
@@ -174,6 +196,8 @@ def main() -> None:
                 module.head.bias.copy_(q @ (q.T @ module.head.bias))
         elif variant == "probe":
             probe_init_head(module, train_x, train_y, text)
+        elif variant in ("procrustes", "procrustes-every"):
+            procrustes_rotate(module, train_x, train_y, text)
         elif variant == "text-weight":
             text_weight = None                                     # M/K, per batch
         elif variant != "paper":
@@ -204,6 +228,8 @@ def main() -> None:
             opt.step()
             sched.step()
             step += 1
+            if variant == "procrustes-every" and step % args.every == 0:
+                procrustes_rotate(module, train_x, train_y, text, opt)
             if step % args.every == 0 or step == args.steps:
                 cos, nc, acc, miou = measure(module)
                 print(f"  {step:4d}  {cos:5.3f}  {nc:5.3f}  {acc:5.3f}  {miou:5.3f}  "

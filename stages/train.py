@@ -38,7 +38,8 @@ import torch
 from tqdm import tqdm
 
 import fmbseg
-from fmbseg.alignment import AlignmentConfig, build_alignment, patch_labels, train_label_view, train_view
+from fmbseg.alignment import (AlignmentConfig, build_alignment, patch_labels, rotate_to_anchors, train_label_view,
+                              train_view)
 from fmbseg.checkpoint import checkpoint_exists, is_finished, load_checkpoint, save_checkpoint
 from fmbseg.device import autocast, resolve_device, synchronize
 from fmbseg.images import load_image
@@ -100,7 +101,9 @@ class TrainConfig:
     DINOv2 patch or "auto" (`auto_train_size`). `cache_features`: True, False or "auto" (cache when the disk has
     room, see `resolve_cache`). All three are resolved before hashing (`resolved`), so the train hash names what
     actually ran: cached features are fp16, so a cached run's weights differ (slightly) from an uncached one's and
-    the two never share a checkpoint; an explicit setting equal to what "auto" resolves to shares the hash."""
+    the two never share a checkpoint; an explicit setting equal to what "auto" resolves to shares the hash.
+    `procrustes`: after every epoch, turn the output space so the epoch's class centroids point at their text
+    anchors (`fmbseg.alignment.rotate_to_anchors`; TSupCon itself is unchanged, see docs/STAGE2.md)."""
 
     epochs: int | str = "auto"
     batch_size: int = 5
@@ -111,6 +114,7 @@ class TrainConfig:
     train_size: int | str = "auto"
     seed: int = 0
     cache_features: bool | str = "auto"
+    procrustes: bool = True
     device: str = "auto"
 
     def __post_init__(self):
@@ -129,6 +133,8 @@ class TrainConfig:
             problems.append(f"momentum must be in [0, 1) (got {self.momentum!r})")
         if self.weight_decay < 0:
             problems.append(f"weight_decay must be >= 0 (got {self.weight_decay!r})")
+        if not isinstance(self.procrustes, bool):
+            problems.append(f"procrustes must be true or false (got {self.procrustes!r})")
         if self.cache_features not in (True, False, "auto"):
             problems.append(f"cache_features must be true, false or auto (got {self.cache_features!r})")
         if problems:
@@ -411,6 +417,8 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
         bar.set_description(f"epoch {epoch + 1}/{epochs}")
         t0 = time.perf_counter()
         total = torch.zeros((), device=device)      # the loss stays on the device: one host sync per epoch
+        class_sums = torch.zeros(len(vocab), int(text.shape[1]), device=device)    # this epoch's embeddings
+        class_counts = np.zeros(len(vocab), dtype=np.int64)
         load = (lambda idx: cache.read_host(idx, pin=device.type == "cuda")) if reading else \
             (lambda idx: _load_views(data, idx, run_cfg.train_size))
         for idx, host in _prefetch(batches, load):
@@ -424,7 +432,13 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
             with autocast(device):
                 z = module(feats)
             # labels stay on the host: tsupcon drops ignored patches there, without a device sync
-            loss = tsupcon(z.reshape(-1, z.shape[-1]), labels_all[idx].reshape(-1), text, run_cfg.temperature)
+            y = labels_all[idx].reshape(-1)
+            loss = tsupcon(z.reshape(-1, z.shape[-1]), y, text, run_cfg.temperature)
+            if run_cfg.procrustes:
+                kept = (y >= 0).nonzero().squeeze(1)
+                class_counts += np.bincount(y[kept].numpy(), minlength=len(vocab))
+                class_sums.index_add_(0, y[kept].to(device),
+                                      z.detach().reshape(-1, z.shape[-1]).float().index_select(0, kept.to(device)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -435,6 +449,9 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
         if writing:
             cache.mark_complete()
             cached_complete = True
+        if run_cfg.procrustes:
+            rotate_to_anchors(module, class_sums, torch.from_numpy(class_counts > 0), text,
+                              [opt.state.get(q, {}).get("momentum_buffer") for q in module.head.parameters()])
         stats = {"loss": total.item() / len(batches), "seconds": time.perf_counter() - t0, "cached": reading,
                  "checkpoint": (epoch + 1) % every == 0 or epoch + 1 == epochs}
         if stats["checkpoint"]:
