@@ -13,9 +13,10 @@ alignment module from the same seed on the same batches (batch 5, SGD momentum 0
 
 Variants (`NAME@lrX` runs one at lr X): `paper` (torch's default init, lr 0.1 everywhere), `lr1` (lr 1.0), `head-lr10` (lr ×10 on the final
 linear map only), `subspace` (final map initialised inside the span of the text anchors), `probe` (final map
-initialised by ridge regression from the initial block's outputs to the text anchors of the patch labels;
-`--init probe` of `fmbseg train`), `text-weight` (diagnostic, NOT the paper's loss: the patch-text term
-multiplied by M/K so it weighs as much as the patch-patch term).
+initialised by ridge regression from the initial block's outputs to the text anchors of the patch labels), `text-weight` (diagnostic, NOT the paper's loss: the patch-text term
+multiplied by M/K so it weighs as much as the patch-patch term), `procrustes` (the output space turned onto the
+anchors once at initialisation) and `procrustes-every` (and again every `--every` steps; `fmbseg train` does it
+after every epoch). Results: docs/STAGE2.md.
 
     PYTHONPATH=. .venv/bin/python scripts/stage2_alignment_speed.py --train-size 224 --steps 400
 """
@@ -109,7 +110,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--seed", type=int, default=4711, help="training world seed (held-out world: seed + 1)")
-    ap.add_argument("--variants", default="paper,lr1,head-lr10,subspace,probe,text-weight")
+    ap.add_argument("--variants", default="paper,lr1,head-lr10,subspace,probe,text-weight,procrustes,"
+                    "procrustes-every")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     args = ap.parse_args()
