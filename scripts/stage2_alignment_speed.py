@@ -11,12 +11,13 @@ alignment module from the same seed on the same batches (batch 5, SGD momentum 0
 - `acc` / `miou`: held-out patch accuracy / patch-level mIoU of the arg-max over text anchors (what the `fmbseg`
   segmenter does, at patch resolution).
 
-Variants (`NAME@lrX` runs one at lr X): `paper` (torch's default init, lr 0.1 everywhere), `lr1` (lr 1.0), `head-lr10` (lr ×10 on the final
-linear map only), `subspace` (final map initialised inside the span of the text anchors), `probe` (final map
-initialised by ridge regression from the initial block's outputs to the text anchors of the patch labels), `text-weight` (diagnostic, NOT the paper's loss: the patch-text term
-multiplied by M/K so it weighs as much as the patch-patch term), `procrustes` (the output space turned onto the
-anchors once at initialisation) and `procrustes-every` (and again every `--every` steps; `fmbseg train` does it
-after every epoch). Results: docs/STAGE2.md.
+Variants (`NAME@lrX` runs one at lr X): `paper` (torch's default init, lr 0.1 everywhere), `lr1` (lr 1.0),
+`head-lr10` (lr x10 on the final linear map only), `subspace` (final map initialised inside the span of the
+text anchors), `probe` (final map initialised by ridge regression from the initial block's outputs to the text
+anchors of the patch labels), `text-weight` (diagnostic, NOT the paper's loss: the patch-text term multiplied
+by M/K so it weighs as much as the patch-patch term), `procrustes` (the output space turned onto the anchors
+once at initialisation) and `procrustes-every` (and again every `--every` steps; `fmbseg train` does it after
+every epoch). Results: docs/STAGE2.md.
 
     PYTHONPATH=. .venv/bin/python scripts/stage2_alignment_speed.py --train-size 224 --steps 400
 """
