@@ -39,7 +39,9 @@ def train_alignment_flow(campaign: str, train: dict | None = None, out: str | No
     """Train the alignment module on the campaign's pseudo-labels; returns the checkpoint path.
 
     `train` overrides `stages.train.TrainConfig` fields (epochs, batch_size, lr, temperature, train_size, seed,
-    cache_features, ...); `out` overrides the checkpoint path."""
+    cache_features, ...); epochs, train_size and cache_features default to "auto" (resolved from the campaign's
+    size and the free disk space; the resolved values and the plan are in the checkpoint and `model.config.json`);
+    `out` overrides the checkpoint path."""
     config = train_config(train, device)
     checkpoint = train_task(campaign, config, out)
     get_run_logger().info("checkpoint: %s", checkpoint)

@@ -162,3 +162,31 @@ def patch_labels(label: np.ndarray, patch: int, num_classes: int, ignore: int = 
     best = counts[:, :num_classes].argmax(1)
     covered = counts[np.arange(h * w), best] * 2 > patch * patch
     return np.where(covered, best, -1).reshape(h, w)
+
+
+@torch.no_grad()
+def rotate_to_anchors(module: AlignmentModule, class_sums: torch.Tensor, present: torch.Tensor, text: torch.Tensor,
+                      momentum_buffers: list[torch.Tensor | None] = ()) -> torch.Tensor:
+    """Turn the module's output space so its class centroids point at their text anchors; returns R (D, D).
+
+    class_sums (K, D): per class, the sum of its patches' embeddings (any positive scale per class); present (K,)
+    bool: the classes with patches; text (K, D) anchors (unit rows). R is the orthogonal matrix maximising
+    Σ_k present_k · t_k · R ĉ_k (ĉ_k the unit centroid): the orthogonal Procrustes solution R = U Vᵀ with
+    U S Vᵀ = Σ_k t_k ĉ_kᵀ (float64). The head becomes W <- R W, b <- R b, and `momentum_buffers` (the head
+    weight's and bias's, when the optimiser has them) turn with it, so the outputs are exactly R times the
+    previous ones. Every dot product between embeddings is unchanged (R is orthogonal and the output is
+    L2-normalised), so TSupCon's patch-patch term, which only sees those, keeps its value; only the patch-text
+    term moves, downhill. Without present classes nothing changes and R = I."""
+    d = module.head.weight.shape[0]
+    keep = present.to(class_sums.device).bool()
+    if not bool(keep.any()):
+        return torch.eye(d, device=class_sums.device)
+    cents = F.normalize(class_sums[keep].double(), dim=-1)                          # (K', D)
+    u, _, vh = torch.linalg.svd(text.to(cents.device, torch.float64)[keep].T @ cents)  # (D, D) each
+    r = (u @ vh).to(module.head.weight.dtype)
+    module.head.weight.copy_(r @ module.head.weight)
+    module.head.bias.copy_(r @ module.head.bias)
+    for buf in momentum_buffers:
+        if buf is not None:
+            buf.copy_(r @ buf)
+    return r

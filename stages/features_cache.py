@@ -1,5 +1,6 @@
-"""The opt-in Stage-2 feature cache `features/<encoder-key>.zarr` (DESIGN §1, §5): frozen DINOv2 patch features of
-every training image, fp16, so epochs after the first read them from disk instead of recomputing them.
+"""The Stage-2 feature cache `features/<encoder-key>.zarr` (DESIGN §1, §5): frozen DINOv2 patch features of
+every training image, fp16, so epochs after the first read them from disk instead of recomputing them. On by
+default when the disk has room (`stages.train.resolve_cache`); `fmbseg train --no-cache` opts out.
 
 Zarr v3 group with one array `features` (N, h, w, C) float16, one uncompressed chunk per image (random fp16
 features do not compress; uncompressed chunks read fastest), and attributes `image_ids`, `encoder`, `train_size`
@@ -78,6 +79,11 @@ class FeatureCache:
     def read(self, indices: list[int]) -> torch.Tensor:
         """-> (B, grid, grid, C) float16 CPU tensor."""
         return torch.from_numpy(np.stack([self._array[int(i)] for i in indices]))
+
+    def read_host(self, indices: list[int], pin: bool = False) -> torch.Tensor:
+        """`read`, in page-locked memory when `pin` (so the copy to a CUDA device can run asynchronously)."""
+        feats = self.read(indices)
+        return feats.pin_memory() if pin else feats
 
     def mark_complete(self) -> None:
         group = zarr.open_group(self.url, mode="r+")

@@ -4,12 +4,19 @@
 `train_size`, runs frozen DINOv2 on the same views, and trains one alignment block with TSupCon against the fixed
 text embeddings of the campaign's vocabulary (from the CLIP model of the campaign's preset).
 
-Output: `<campaign>/train/<train-hash>/model.pt` (or `out`), rewritten whole after every finished epoch with
-the optimiser, scheduler and RNG state, and `model.config.json` beside it (the resolved config). The train hash
-covers the training settings that change the weights (not the device) and the campaign's Stage-1 config hash,
-so changing a training setting never reruns Stage 1 and rerunning the same training reuses its checkpoint.
-An interrupted run resumes from its last finished epoch and ends with the weights an uninterrupted run has:
-each epoch's shuffle comes from its own seeded generator, and the optimiser, scheduler and torch RNG are restored.
+Schedule: `epochs="auto"` (the default) trains max(10, the epochs giving >= 2000 SGD steps at batch 5), and
+`train_size="auto"` uses 448 px, or 224 px below 500 images; the plan (epochs, steps, estimated time) is
+printed before the first step and stored in the checkpoint (`plan`). See docs/STAGE2.md for why small campaigns
+need the step floor. The DINOv2 feature cache (`stages/features_cache.py`) is on when the disk has room.
+
+Output: `<campaign>/train/<train-hash>/model.pt` (or `out`), rewritten whole every `checkpoint_every(epochs)`
+epochs (every epoch up to 50) and after the last, with the optimiser, scheduler and RNG state, and
+`model.config.json` beside it (the resolved config). The train hash covers the resolved training settings that
+change the weights (not the device; the cache choice is covered, since cached features are fp16) and the
+campaign's Stage-1 config hash, so changing a training setting never reruns Stage 1 and rerunning the same
+training reuses its checkpoint. An interrupted run resumes from its last checkpoint and ends with the weights an
+uninterrupted run has: each epoch's shuffle comes from its own seeded generator, and the optimiser, scheduler
+and torch RNG are restored.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import copy
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -29,7 +38,8 @@ import torch
 from tqdm import tqdm
 
 import fmbseg
-from fmbseg.alignment import AlignmentConfig, build_alignment, patch_labels, train_label_view, train_view
+from fmbseg.alignment import (AlignmentConfig, build_alignment, patch_labels, rotate_to_anchors, train_label_view,
+                              train_view)
 from fmbseg.checkpoint import checkpoint_exists, is_finished, load_checkpoint, save_checkpoint
 from fmbseg.device import autocast, resolve_device, synchronize
 from fmbseg.images import load_image
@@ -42,33 +52,80 @@ from storage.reader import CampaignReader
 # Settings that do not change the trained weights, left out of the train hash.
 UNHASHED = ("device",)
 
+# `--epochs auto`: the paper's 10 epochs, or enough epochs for this many SGD steps at the reference batch of 5
+# images, whichever is more. The budget is counted in image passes at batch 5 (issue 8: batch 1 with 1000 steps
+# does not align), so a larger --batch-size gets the same epochs, i.e. fewer steps.
+AUTO_MIN_EPOCHS = 10
+AUTO_MIN_STEPS = 2000
+AUTO_REF_BATCH = 5
 
-# Fewer SGD steps than this rarely align the module with the text space (DESIGN §1: ~1000 steps at tau 0.1).
+# Fewer SGD steps than this rarely align the module with the text space (docs/STAGE2.md).
 MIN_USEFUL_STEPS = 1000
+
+# `cache_features="auto"` caches when the cache takes at most this fraction of the free disk space.
+CACHE_MAX_FREE_FRACTION = 0.5
+
+
+# A run of many short epochs (a small campaign under `--epochs auto`) rewrites its checkpoint at most this often.
+MAX_CHECKPOINTS = 50
+
+
+def checkpoint_every(epochs: int) -> int:
+    """The checkpoint is written every this many epochs, and after the last: every epoch up to 50 epochs."""
+    return max(1, math.ceil(epochs / MAX_CHECKPOINTS))
+
+
+# `train_size="auto"`: DESIGN's 448 px view, or 224 px on a campaign small enough that `--epochs auto` at least
+# doubles the paper's 10 epochs (< 500 images). There the 2000-step floor multiplies the number of steps by
+# 1000 / images, and each step's TSupCon cost grows with the square of the patches per batch (5 x 32² at 448,
+# 5 x 16² at 224: 16x less): measured on the 2-core CPU, 2000 steps at 448 take hours, at 224 minutes.
+AUTO_SIZE_LARGE, AUTO_SIZE_SMALL, AUTO_SIZE_MIN_IMAGES = 448, 224, 500
+
+
+def auto_train_size(images: int) -> int:
+    """448 for a campaign of >= 500 images, else 224."""
+    return AUTO_SIZE_LARGE if images >= AUTO_SIZE_MIN_IMAGES else AUTO_SIZE_SMALL
+
+
+def auto_epochs(images: int) -> int:
+    """max(10, the fewest epochs giving >= 2000 steps at batch 5) for a campaign of `images` images."""
+    steps_per_epoch = max(1, math.ceil(images / AUTO_REF_BATCH))
+    return max(AUTO_MIN_EPOCHS, math.ceil(AUTO_MIN_STEPS / steps_per_epoch))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """DESIGN §1 Stage-2 defaults. `cache_features` is hashed: cached features are fp16, so a cached run's weights
-    differ (slightly) from an uncached one's."""
+    """DESIGN §1 Stage-2 defaults.
 
-    epochs: int = 10
+    `epochs`: an integer or "auto" (`auto_epochs` of the campaign's image count). `train_size`: a multiple of the
+    DINOv2 patch or "auto" (`auto_train_size`). `cache_features`: True, False or "auto" (cache when the disk has
+    room, see `resolve_cache`). All three are resolved before hashing (`resolved`), so the train hash names what
+    actually ran: cached features are fp16, so a cached run's weights differ (slightly) from an uncached one's and
+    the two never share a checkpoint; an explicit setting equal to what "auto" resolves to shares the hash.
+    `procrustes`: after every epoch, turn the output space so the epoch's class centroids point at their text
+    anchors (`fmbseg.alignment.rotate_to_anchors`; TSupCon itself is unchanged, see docs/STAGE2.md)."""
+
+    epochs: int | str = "auto"
     batch_size: int = 5
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
     temperature: float = 0.1
-    train_size: int = 448
+    train_size: int | str = "auto"
     seed: int = 0
-    cache_features: bool = False
+    cache_features: bool | str = "auto"
+    procrustes: bool = True
     device: str = "auto"
 
     def __post_init__(self):
         problems = []
         for name in ("epochs", "batch_size", "train_size"):
             v = getattr(self, name)
+            if name in ("epochs", "train_size") and v == "auto":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                problems.append(f"{name} must be an integer >= 1 (got {v!r})")
+                problems.append(f"{name} must be an integer >= 1{'' if name == 'batch_size' else ' or auto'} "
+                                f"(got {v!r})")
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)!r})")
@@ -76,11 +133,24 @@ class TrainConfig:
             problems.append(f"momentum must be in [0, 1) (got {self.momentum!r})")
         if self.weight_decay < 0:
             problems.append(f"weight_decay must be >= 0 (got {self.weight_decay!r})")
+        if not isinstance(self.procrustes, bool):
+            problems.append(f"procrustes must be true or false (got {self.procrustes!r})")
+        if self.cache_features not in (True, False, "auto"):
+            problems.append(f"cache_features must be true, false or auto (got {self.cache_features!r})")
         if problems:
             raise ValueError("invalid train config: " + "; ".join(problems))
 
     def hashed(self) -> dict:
+        if "auto" in (self.epochs, self.train_size, self.cache_features):
+            raise ValueError("resolve epochs, train_size and cache_features (TrainConfig.resolved) before hashing")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in UNHASHED}
+
+    def resolved(self, images: int, cache: bool) -> "TrainConfig":
+        """This config with every "auto" resolved for a campaign of `images` images: epochs = auto_epochs(images),
+        train_size = auto_train_size(images), cache_features = `cache`."""
+        return replace(self, epochs=auto_epochs(images) if self.epochs == "auto" else self.epochs,
+                       train_size=auto_train_size(images) if self.train_size == "auto" else self.train_size,
+                       cache_features=cache if self.cache_features == "auto" else self.cache_features)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -111,9 +181,10 @@ class _TrainSet:
 
 
 def _load_train_set(reader: CampaignReader, size: int, patch: int, num_classes: int) -> _TrainSet:
-    """Patch labels of every ok image, computed once (label maps are not kept: a campaign may hold millions)."""
+    """Patch labels of every ok image, computed once (label maps are not kept: a campaign may hold millions).
+    Every image is checked to still have its label map's size (`ImageChanged` otherwise: a replaced or rotated file)."""
     ids, paths, labels = [], [], []
-    for image_id, path, label in reader.iter_labels():
+    for image_id, path, label in reader.iter_labels(check_images=True):
         ids.append(image_id)
         paths.append(path)
         labels.append(patch_labels(train_label_view(label, size), patch, num_classes))
@@ -130,11 +201,35 @@ def _load_view(path: str, size: int) -> torch.Tensor:
     return train_view(image, None, size)[0]
 
 
-def _payload(module, align_cfg, cfg, vocab, text, encoders, epoch, thash, campaign, stage1_hash, opt, sched) -> dict:
+def count_images(reader: CampaignReader) -> int:
+    """Training images of the campaign: the ok images of its done shards (what `_load_train_set` reads)."""
+    return sum(len(reader.labels(sid).image_ids) for sid in reader.done())
+
+
+def resolve_cache(root: CampaignRoot, nbytes: int, complete: bool) -> tuple[bool, str]:
+    """`cache_features="auto"`: (cache?, why). On when a finished cache exists, or when the campaign is on a
+    local disk whose free space is at least nbytes / CACHE_MAX_FREE_FRACTION; off on remote storage (reading
+    features back over the network is not the cheap path the cache is for)."""
+    if complete:
+        return True, "a finished cache exists"
+    if not root.is_local:
+        return False, "the campaign is not on a local disk"
+    folder = root.full("")
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder) or "."
+    free = shutil.disk_usage(folder).free
+    if nbytes <= CACHE_MAX_FREE_FRACTION * free:
+        return True, f"{free / 2**30:.1f} GiB free"
+    return False, f"only {free / 2**30:.1f} GiB free, the cache needs {nbytes / 2**30:.2f} GiB (x2 headroom)"
+
+
+def _payload(module, align_cfg, cfg, vocab, text, encoders, epoch, thash, campaign, stage1_hash, opt, sched,
+             plan) -> dict:
     return {
         "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "config": {"alignment": align_cfg.to_json(), "train": asdict(cfg), "train_hash": thash,
                    "campaign": campaign, "stage1_hash": stage1_hash},
+        "plan": plan,
         "vocabulary": vocab.to_json(),
         "text": text.detach().cpu(),
         "encoders": encoders,
@@ -147,42 +242,87 @@ def _payload(module, align_cfg, cfg, vocab, text, encoders, epoch, thash, campai
     }
 
 
+def _prefetch(items, load: Callable, depth: int = 2):
+    """Yield (item, load(item)) with up to `depth` loads running ahead in a background thread, in order.
+    An exception in `load` is raised here, at its item."""
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        pending = []
+        it = iter(items)
+        for item in it:
+            pending.append((item, ahead.submit(load, item)))
+            if len(pending) > depth:
+                break
+        while pending:
+            item, future = pending.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, ahead.submit(load, nxt)))
+            yield item, future.result()
+
+
+def _format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | None = None,
                     on_epoch_end: Callable[[int, str, dict], None] | None = None, progress: bool = True,
                     dino=None, clip=None) -> str:
     """Train (or resume, or reuse) the alignment module of `campaign`; returns the checkpoint path.
 
-    `on_epoch_end(epochs_finished, checkpoint_path, stats)` is called after each epoch's checkpoint is written (an
-    exception there stops training like an interruption would); `stats` = {"loss": mean batch loss, "seconds":
-    the epoch's feature + training time without the checkpoint write, "cached": features read from the cache}. `dino` / `clip` replace the campaign preset's
-    models (benchmarks with randomly initialised full-width architectures); the checkpoint names what was used."""
+    `cfg.epochs` "auto" and `cfg.cache_features` "auto" are resolved first (`TrainConfig.resolved`); the plan
+    (epochs, steps, estimated time) is printed before the first step and recorded in the checkpoint (`plan`).
+    The checkpoint is rewritten every `checkpoint_every(epochs)` epochs (every epoch up to 50) and after the last.
+    `on_epoch_end(epochs_finished, checkpoint_path, stats)` is called after each epoch, after its checkpoint when it
+    writes one (an exception there stops training like an interruption would; the run resumes from the last
+    checkpoint); `stats` = {"loss": mean batch loss, "seconds": the epoch's feature + training time without the
+    checkpoint write, "cached": features read from the cache, "checkpoint": whether this epoch wrote one}.
+    `dino` / `clip` replace the campaign preset's models (benchmarks with randomly initialised full-width
+    architectures); the checkpoint names what was used."""
     from fmbseg.presets import make_clip, make_dino
 
     reader = CampaignReader(campaign)
     manifest = reader.manifest
     vocab = Vocabulary.from_json(manifest.vocabulary)
-    thash = train_hash(cfg, reader.stage1_hash)
     root = CampaignRoot(campaign)
-    ckpt_path = out or root.full_url(f"train/{thash}/model.pt")
+    n_images = count_images(reader)
+    if not n_images:
+        raise ValueError(f"campaign {reader.root.url} has no labelled images yet: run `fmbseg label` first")
 
-    resume = None
-    if checkpoint_exists(ckpt_path):
-        previous = load_checkpoint(ckpt_path)
-        if previous.get("train_hash") != thash:
-            raise ValueError(f"{ckpt_path} holds a training with other settings (train hash "
-                             f"{previous.get('train_hash')}, this one {thash}); choose another --out or remove it")
+    def path_for(c: TrainConfig) -> tuple[str, str]:
+        h = train_hash(c, reader.stage1_hash)
+        return h, out or root.full_url(f"train/{h}/model.pt")
+
+    # Candidates for an existing checkpoint: when the cache setting is "auto", a run that chose either way
+    # before (its checkpoint is found under its own hash) is reused or resumed as it was.
+    choices = (True, False) if cfg.cache_features == "auto" else (bool(cfg.cache_features),)
+    resume, run_cfg, thash, ckpt_path = None, None, None, None
+    for cache_choice in choices:
+        c = cfg.resolved(n_images, cache_choice)
+        h, path = path_for(c)
+        if not checkpoint_exists(path):
+            continue
+        previous = load_checkpoint(path)
+        if previous.get("train_hash") != h:
+            if out is not None and cache_choice is not choices[-1]:
+                continue
+            raise ValueError(f"{path} holds a training with other settings (train hash "
+                             f"{previous.get('train_hash')}, this one {h}); choose another --out or remove it")
         if is_finished(previous):
-            print(f"train: {ckpt_path} is already trained ({previous['epoch']} epochs, hash {thash})", file=sys.stderr)
-            return ckpt_path
-        resume = previous
+            print(f"train: {path} is already trained ({previous['epoch']} epochs, hash {h})", file=sys.stderr)
+            return path
+        resume, run_cfg, thash, ckpt_path = previous, c, h, path
+        break
 
     device = resolve_device(cfg.device)
     dino = dino if dino is not None else make_dino(manifest.preset, device=str(device))
     clip = clip if clip is not None else make_clip(manifest.preset, device=str(device))
     p = dino.patch_size
-    if cfg.train_size % p:
-        raise ValueError(f"train_size {cfg.train_size} is not a multiple of the DINOv2 patch size {p}")
-    with torch.no_grad():
+    size = cfg.resolved(n_images, False).train_size
+    if size % p:
+        raise ValueError(f"train_size {size} is not a multiple of the DINOv2 patch size {p}")
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        # once per vocabulary, in float32 whatever the training precision
         prompts = [q[0] if len(q) == 1 else q for q in vocab.prompts()]
         text = torch.nn.functional.normalize(clip.encode_text(prompts).float(), dim=-1).to(device)
     encoders = {"dino": {"model_id": dino.model_id, "weights_sha256": dino.weights_sha256},
@@ -190,15 +330,32 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
                 "preset": manifest.preset}
     del clip  # only its text embeddings are needed from here on
 
-    data = _load_train_set(reader, cfg.train_size, p, len(vocab))
-    n, grid = len(data.image_ids), cfg.train_size // p
+    data = _load_train_set(reader, size, p, len(vocab))
+    n, grid = len(data.image_ids), size // p
+    key = encoder_key(dino.model_id, dino.weights_sha256, size, data.image_ids)
+    cache = FeatureCache(root, key, data.image_ids, grid, dino.embed_dim)
+    cache_why = "--cache-features" if cfg.cache_features is True else "--no-cache"
+    if run_cfg is None:
+        use_cache = bool(cfg.cache_features)
+        if cfg.cache_features == "auto":
+            use_cache, cache_why = resolve_cache(root, cache.nbytes, cache.is_complete())
+        run_cfg = cfg.resolved(n, use_cache)
+        thash, ckpt_path = path_for(run_cfg)
+    else:
+        cache_why = "as the run being resumed"
+    if not run_cfg.cache_features:
+        cache = None
     align_cfg = AlignmentConfig(in_dim=dino.embed_dim, out_dim=int(text.shape[1]))
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = math.ceil(n / run_cfg.batch_size)
+    epochs = run_cfg.epochs
+    total_steps = epochs * steps_per_epoch
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(run_cfg.seed)
     module = build_alignment(align_cfg).to(device)
-    opt = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch, eta_min=0.0)
+    labels_all = torch.from_numpy(data.labels)
+    opt = torch.optim.SGD(module.parameters(), lr=run_cfg.lr, momentum=run_cfg.momentum,
+                          weight_decay=run_cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=0.0)
     start_epoch = 0
     if resume is not None:
         module.load_state_dict(resume["model"])
@@ -206,73 +363,146 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
         sched.load_state_dict(resume["resume"]["scheduler"])
         torch.set_rng_state(resume["resume"]["rng"])
         start_epoch = int(resume["epoch"])
-        print(f"train: resuming {ckpt_path} after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
+        print(f"train: resuming {ckpt_path} after epoch {start_epoch}/{epochs}", file=sys.stderr)
 
-    _write_config(ckpt_path, {"train": asdict(cfg), "train_hash": thash, "alignment": align_cfg.to_json(),
-                              "campaign": campaign, "stage1_hash": reader.stage1_hash, "encoders": encoders,
-                              "vocabulary": vocab.to_json(), "images": n, "steps_per_epoch": steps_per_epoch,
-                              "version": fmbseg.__version__})
-
-    total_steps = cfg.epochs * steps_per_epoch
+    # The plan, with an estimate from one batch of features and one (throwaway) training step.
+    reading_from_start = cache is not None and cache.is_complete()
+    first = list(range(min(n, run_cfg.batch_size)))
+    t0 = time.perf_counter()
+    feats = _features(first, data, run_cfg, dino, device, cache if reading_from_start else None)
+    synchronize(device)
+    t_feat = (time.perf_counter() - t0) / len(first)
+    t_step = _time_one_step(module, run_cfg, feats, labels_all[first], text, device)
+    remaining = epochs - start_epoch
+    every = checkpoint_every(epochs)
+    feature_epochs = 0 if reading_from_start else (min(1, remaining) if cache is not None else remaining)
+    estimate = t_step * remaining * steps_per_epoch + t_feat * n * feature_epochs
+    plan = {"epochs": epochs, "epochs_setting": cfg.epochs, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps, "images": n, "batch_size": run_cfg.batch_size,
+            "rule": f"max({AUTO_MIN_EPOCHS}, ceil({AUTO_MIN_STEPS} / ceil(images / {AUTO_REF_BATCH})))",
+            "cache_features": run_cfg.cache_features, "cache_setting": cfg.cache_features,
+            "train_size": run_cfg.train_size, "train_size_setting": cfg.train_size,
+            "estimated_seconds": round(estimate, 1), "device": str(device), "checkpoint_every": every}
+    why = (f"auto: max({AUTO_MIN_EPOCHS}, >= {AUTO_MIN_STEPS} steps at batch {AUTO_REF_BATCH})"
+           if cfg.epochs == "auto" else "as asked")
+    size_why = f" (auto: {'>=' if n >= AUTO_SIZE_MIN_IMAGES else '<'} {AUTO_SIZE_MIN_IMAGES} images)" \
+        if cfg.train_size == "auto" else ""
+    print(f"train: plan: {epochs} epochs ({why}) x {steps_per_epoch} steps = {total_steps} SGD steps; {n} images, "
+          f"batch {run_cfg.batch_size}, {run_cfg.train_size} px{size_why}, features "
+          f"{'cached' if cache is not None else 'recomputed every epoch'} ({cache_why}); estimated "
+          f"{_format_seconds(estimate)} on {device}" + (f" for the {remaining} epochs left" if start_epoch else ""),
+          file=sys.stderr)
     if total_steps < MIN_USEFUL_STEPS:
-        # TSupCon's text anchors weigh K / (M + K) of the loss, so the module needs many steps to reach the text
-        # space; a small campaign at the default 10 epochs stops long before.
-        print(f"train: warning: only {total_steps} SGD steps ({n} images, batch {cfg.batch_size}, {cfg.epochs} "
-              f"epochs); the alignment typically needs ~{MIN_USEFUL_STEPS} or more: raise --epochs",
+        print(f"train: warning: only {total_steps} SGD steps ({n} images, batch {run_cfg.batch_size}, {epochs} "
+              f"epochs); the alignment typically needs ~{MIN_USEFUL_STEPS} or more: use --epochs auto",
               file=sys.stderr)
 
-    cache = None
-    if cfg.cache_features:
-        key = encoder_key(dino.model_id, dino.weights_sha256, cfg.train_size, data.image_ids)
-        cache = FeatureCache(root, key, data.image_ids, grid, dino.embed_dim)
-    labels_all = torch.from_numpy(data.labels)
+    _write_config(ckpt_path, {"train": asdict(run_cfg), "train_hash": thash, "alignment": align_cfg.to_json(),
+                              "campaign": campaign, "stage1_hash": reader.stage1_hash, "encoders": encoders,
+                              "vocabulary": vocab.to_json(), "images": n, "steps_per_epoch": steps_per_epoch,
+                              "plan": plan, "version": fmbseg.__version__})
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for epoch in range(start_epoch, cfg.epochs):
-            reading = cache is not None and cache.is_complete()
-            writing = cache is not None and not reading
-            if writing:
-                print(f"train: writing feature cache {cache.url}: {n} images x {grid}x{grid}x{dino.embed_dim} fp16 "
-                      f"= {cache.nbytes / 2**20:.1f} MiB", file=sys.stderr)
-                cache.create()
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
-            batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress,
-                       file=sys.stderr, dynamic_ncols=True)
-            t0, total = time.perf_counter(), 0.0
-            for idx in bar:
-                if reading:
-                    feats = cache.read(idx).to(device).float()
-                else:
-                    views = torch.stack(list(pool.map(lambda i: _load_view(data.paths[i], cfg.train_size), idx)))
-                    with torch.no_grad(), autocast(device):
-                        feats = dino.features(views.to(device)).float()
-                    if cache is not None:
-                        feats = feats.half().float()   # every epoch sees what the cache holds
-                        cache.write(idx, feats)
-                with autocast(device):
-                    z = module(feats)
-                loss = tsupcon(z.reshape(-1, z.shape[-1]), labels_all[idx].reshape(-1).to(device), text,
-                               cfg.temperature)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                value = loss.item()
-                total += value
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{sched.get_last_lr()[0]:.4f}")
-            bar.close()
-            if writing:
-                cache.mark_complete()
-            synchronize(device)
-            stats = {"loss": total / len(batches), "seconds": time.perf_counter() - t0, "cached": reading}
-            print(f"train: epoch {epoch + 1}/{cfg.epochs} mean loss {stats['loss']:.4f} "
+    cached_complete = cache is not None and cache.is_complete()
+    # one bar for the run: a small campaign has hundreds of short epochs
+    bar = tqdm(total=remaining * steps_per_epoch, unit="step", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for epoch in range(start_epoch, epochs):
+        reading = cached_complete
+        writing = cache is not None and not reading
+        if writing:
+            print(f"train: writing feature cache {cache.url}: {n} images x {grid}x{grid}x{dino.embed_dim} fp16 "
+                  f"= {cache.nbytes / 2**20:.1f} MiB", file=sys.stderr)
+            cache.create()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(run_cfg.seed * 1_000_003 + epoch)).tolist()
+        batches = [order[i:i + run_cfg.batch_size] for i in range(0, n, run_cfg.batch_size)]
+        bar.set_description(f"epoch {epoch + 1}/{epochs}")
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=device)      # the loss stays on the device: one host sync per epoch
+        class_sums = torch.zeros(len(vocab), int(text.shape[1]), device=device)    # this epoch's embeddings
+        class_counts = np.zeros(len(vocab), dtype=np.int64)
+        load = (lambda idx: cache.read_host(idx, pin=device.type == "cuda")) if reading else \
+            (lambda idx: _load_views(data, idx, run_cfg.train_size))
+        for idx, host in _prefetch(batches, load):
+            if reading:
+                feats = host.to(device, non_blocking=True).float()
+            else:
+                feats = _encode(dino, host, device)
+                if cache is not None:
+                    feats = feats.half().float()   # every epoch sees what the cache holds
+                    cache.write(idx, feats)
+            with autocast(device):
+                z = module(feats)
+            # labels stay on the host: tsupcon drops ignored patches there, without a device sync
+            y = labels_all[idx].reshape(-1)
+            loss = tsupcon(z.reshape(-1, z.shape[-1]), y, text, run_cfg.temperature)
+            if run_cfg.procrustes:
+                kept = (y >= 0).nonzero().squeeze(1)
+                class_counts += np.bincount(y[kept].numpy(), minlength=len(vocab))
+                class_sums.index_add_(0, y[kept].to(device),
+                                      z.detach().reshape(-1, z.shape[-1]).float().index_select(0, kept.to(device)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach()
+            bar.update(1)
+            bar.set_postfix(lr=f"{sched.get_last_lr()[0]:.4f}", refresh=False)
+        if writing:
+            cache.mark_complete()
+            cached_complete = True
+        if run_cfg.procrustes:
+            rotate_to_anchors(module, class_sums, torch.from_numpy(class_counts > 0), text,
+                              [opt.state.get(q, {}).get("momentum_buffer") for q in module.head.parameters()])
+        stats = {"loss": total.item() / len(batches), "seconds": time.perf_counter() - t0, "cached": reading,
+                 "checkpoint": (epoch + 1) % every == 0 or epoch + 1 == epochs}
+        if stats["checkpoint"]:
+            print(f"train: epoch {epoch + 1}/{epochs} mean loss {stats['loss']:.4f} "
                   f"({stats['seconds']:.1f} s{', features from cache' if reading else ''})", file=sys.stderr)
-            save_checkpoint(ckpt_path, _payload(module, align_cfg, cfg, vocab, text, encoders, epoch + 1, thash,
-                                                campaign, reader.stage1_hash, opt, sched))
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, ckpt_path, stats)
+            save_checkpoint(ckpt_path, _payload(module, align_cfg, run_cfg, vocab, text, encoders, epoch + 1, thash,
+                                                campaign, reader.stage1_hash, opt, sched, plan))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, ckpt_path, stats)
+    bar.close()
     return ckpt_path
+
+
+def _load_views(data: _TrainSet, idx: list[int], size: int) -> torch.Tensor:
+    """(B, 3, size, size) training views of the images at `idx` (decoded in parallel threads)."""
+    with ThreadPoolExecutor(max_workers=min(8, len(idx), os.cpu_count() or 1)) as pool:
+        return torch.stack(list(pool.map(lambda i: _load_view(data.paths[i], size), idx)))
+
+
+def _encode(dino, views: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with torch.no_grad(), autocast(device):
+        return dino.features(views.to(device)).float()
+
+
+def _features(idx: list[int], data: _TrainSet, cfg: TrainConfig, dino, device, cache) -> torch.Tensor:
+    """(B, g, g, C) float32 features of the images at `idx`: from a finished cache, else computed (fp16-rounded
+    when the run caches, as training sees them)."""
+    if cache is not None:
+        return cache.read(idx).to(device).float()
+    feats = _encode(dino, _load_views(data, idx, cfg.train_size), device)
+    return feats.half().float() if cfg.cache_features else feats
+
+
+def _time_one_step(module, cfg: TrainConfig, feats, labels, text, device, repeats: int = 3) -> float:
+    """Seconds of one training step: the fastest of `repeats` steps (the first pays one-off warm-up costs) on a
+    copy of the module, so the run's weights, optimiser and RNG are untouched."""
+    probe = copy.deepcopy(module)
+    opt = torch.optim.SGD(probe.parameters(), lr=0.0, momentum=cfg.momentum)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with autocast(device):
+            z = probe(feats)
+        loss = tsupcon(z.reshape(-1, z.shape[-1]), labels.reshape(-1), text, cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _write_config(ckpt_path: str, config: dict) -> None:

@@ -35,6 +35,7 @@ def test_train_eval_predict(world_and_campaign, capsys):
     assert ckpt.is_file() and (base / "model.config.json").is_file()
     train = json.loads((base / "model.config.json").read_text())["train"]
     assert (train["train_size"], train["batch_size"], train["seed"], train["epochs"]) == (112, 2, 3, 1)
+    assert train["procrustes"] is True and train["cache_features"] is True     # the defaults, resolved
     assert main(["eval", "--dataset", "custom", "--data-root", str(base / "w"), "--models", "maskclip,fmbseg",
                  "--checkpoint", str(ckpt), "--out", str(base / "rep"), "--device", "cpu", "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -50,6 +51,8 @@ def test_train_eval_predict(world_and_campaign, capsys):
 @pytest.mark.parametrize("argv, reason", [
     (["train", "--campaign", "{tmp}/none"], "no campaign at"),
     (["train", "--campaign", "{tmp}/none", "--epochs", "0"], "--epochs must be >= 1"),
+    (["train", "--campaign", "{tmp}/none", "--epochs", "many"], "--epochs must be >= 1 or auto, got many"),
+    (["train", "--campaign", "{tmp}/none", "--train-size", "big"], "--train-size must be >= 1 or auto"),
     (["eval", "--dataset", "custom", "--data-root", "{tmp}/none", "--models", "maskclip", "--out", "{tmp}/o"],
      "is not a folder"),
     (["eval", "--dataset", "voc", "--data-root", "{tmp}", "--models", "maskclip", "--out", "{tmp}/o"],

@@ -85,3 +85,145 @@ def test_patch_labels_rejects_unknown_classes_and_bad_sizes():
         patch_labels(np.full((4, 4), 7, np.uint16), 2, 5)
     with pytest.raises(ValueError, match="multiple of the patch"):
         patch_labels(np.zeros((5, 4), np.uint16), 2, 5)
+
+
+def _alignment_after(steps, size, text_weight=1.0, rotate_every=0):
+    """Train the module on a 10-image synthetic world (ground-truth patch labels, oracle DINOv2 features) with
+    DESIGN's optimiser (SGD 0.1, momentum 0.9, wd 1e-4, cosine over `steps`, τ 0.1, batch 5) -> mean over classes
+    of cos(class centroid of the embeddings, its text anchor). `text_weight` != 1 multiplies the patch-text sum
+    (a diagnostic, not the paper's loss; None: M/K, the weight that makes it count like the patch-patch term).
+    `rotate_every` > 0: `rotate_to_anchors` with the centroids of the last `rotate_every` steps, as training does
+    after every epoch."""
+    import torch.nn.functional as F
+
+    import tempfile
+
+    from fmbseg.alignment import rotate_to_anchors, train_label_view
+    from fmbseg.images import load_image
+    from fmbseg.testing.oracle import build_oracle_clip, build_oracle_dino
+    from fmbseg.testing.palette import PALETTE_NAMES
+    from fmbseg.testing.world import load_annotation, write_world
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_world(tmp, 10, seed=21, sizes=((120, 160), (150, 120)))
+        pairs = [(load_image(str(p)), load_annotation(p)) for p in paths]
+    dino = build_oracle_dino("cpu")
+    k = len(PALETTE_NAMES)
+    text = F.normalize(build_oracle_clip("cpu").encode_text(list(PALETTE_NAMES)).float(), dim=-1)
+    feats = torch.stack([dino.features(train_view(im, None, size)[0][None])[0] for im, _ in pairs])
+    labels = torch.stack([torch.from_numpy(patch_labels(train_label_view(gt, size), 14, k, ignore=255))
+                          for _, gt in pairs])
+    torch.manual_seed(0)
+    module = build_alignment(AlignmentConfig(in_dim=feats.shape[-1], out_dim=text.shape[1]))
+    opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    g = torch.Generator().manual_seed(0)
+    sums = torch.zeros(k, text.shape[1])
+    for step in range(steps):
+        idx = torch.randperm(len(pairs), generator=g)[:5]
+        z = module(feats[idx]).reshape(-1, text.shape[1])
+        y = labels[idx].reshape(-1)
+        keep = y >= 0
+        w = text_weight if text_weight is not None else int(keep.sum()) / k
+        loss = _weighted_tsupcon(z[keep], y[keep], text, 0.1, w)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if rotate_every:
+            sums.index_add_(0, y[keep], z.detach()[keep])
+            if (step + 1) % rotate_every == 0:
+                momentum = [opt.state[p]["momentum_buffer"] for p in module.head.parameters()]
+                rotate_to_anchors(module, sums, sums.norm(dim=1) > 0, text, momentum)
+                sums.zero_()
+    with torch.no_grad():
+        z = module(feats).reshape(-1, text.shape[1])
+        y = labels.reshape(-1)
+        present = [c for c in range(k) if (y == c).any()]
+        cents = F.normalize(torch.stack([z[y == c].mean(0) for c in present]), dim=-1)
+        return float((cents * text[present]).sum(1).mean())
+
+
+def _weighted_tsupcon(z, y, text, tau, text_weight):
+    """DESIGN's TSupCon on kept patches, the patch-text sum multiplied by `text_weight` (1: `fmbseg.losses`)."""
+    from fmbseg.losses import tsupcon
+
+    if text_weight == 1.0:
+        return tsupcon(z, y, text, tau)
+    # the two sums of DESIGN §1 written out again, so the patch-text one can be scaled on its own
+    import torch.nn.functional as F
+
+    z, t = F.normalize(z, dim=-1), F.normalize(text, dim=-1)
+    m, k = z.shape[0], t.shape[0]
+    s_zt, s_zz = z @ t.T / tau, z @ z.T / tau
+    s_zz = s_zz.masked_fill(torch.eye(m, dtype=torch.bool), -1.0e30)
+    lse_zz = torch.logsumexp(s_zz, 1)
+    l_t = torch.logaddexp(lse_zz, torch.logsumexp(s_zt, 1)) - s_zt.gather(1, y[:, None]).squeeze(1)
+    onehot = F.one_hot(y, k).float()
+    count = onehot.sum(0)
+    class_term = ((onehot.T @ l_t) / count.clamp(min=1)).sum()
+    pos = (y[:, None] == y[None, :]) & ~torch.eye(m, dtype=torch.bool)
+    n_pos = pos.sum(1)
+    l_im = torch.where(n_pos > 0, lse_zz - (s_zz.masked_fill(~pos, 0.0)).sum(1) / n_pos.clamp(min=1), 0.0)
+    return (text_weight * class_term + l_im.sum()) / (m + k)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_text_anchors_align_slower_with_more_patches_per_batch_and_faster_with_the_procrustes_turn():
+    """docs/STAGE2.md: the patch-text term weighs ~K/(M+K), so with the paper's loss the class centroids turn to
+    their text anchors more slowly the more patches a batch has; weighting the text term like the patch-patch
+    term (not the paper's loss) aligns them within the same steps, and so does the paper's loss with the
+    Procrustes turn every 10 steps."""
+    small = _alignment_after(150, 56)       # M ~ 5 x 16 patches
+    large = _alignment_after(150, 112)      # M ~ 5 x 64 patches
+    weighted = _alignment_after(150, 112, text_weight=None)
+    turned = _alignment_after(150, 112, rotate_every=10)
+    print(f"cos after 150 steps: 56 px {small:.3f}, 112 px {large:.3f}, 112 px text weighted M/K {weighted:.3f}, "
+          f"112 px with the Procrustes turn {turned:.3f}")
+    # measured: 0.739, 0.653, 0.998, 0.790
+    assert small > large + 0.05
+    assert weighted > 0.95 and large < 0.8
+    assert turned > large + 0.1
+
+
+def test_rotate_to_anchors_is_the_procrustes_rotation_and_keeps_every_patch_similarity():
+    from fmbseg.alignment import rotate_to_anchors
+
+    g = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    k = d = 6
+    module = build_alignment(AlignmentConfig(in_dim=16, out_dim=d))
+    feats = torch.randn(2, 3, 4, 16, generator=g)
+    text = torch.nn.functional.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=-1).float()
+    sums = torch.randn(k, d, generator=g) * torch.rand(k, 1, generator=g) * 5
+    present = torch.ones(k, dtype=torch.bool)
+    buf_w, buf_b = torch.randn(d, 16, generator=g), torch.randn(d, generator=g)
+    w0, b0, w_buf0, b_buf0 = module.head.weight.clone(), module.head.bias.clone(), buf_w.clone(), buf_b.clone()
+    with torch.no_grad():
+        before = module(feats).reshape(-1, d)
+    r = rotate_to_anchors(module, sums, present, text, [buf_w, buf_b])
+    with torch.no_grad():
+        after = module(feats).reshape(-1, d)
+
+    # reference: the polar factor of M = Σ_k t_k ĉ_kᵀ, M (MᵀM)^(-1/2), by an eigendecomposition in float64
+    c = torch.nn.functional.normalize(sums.double(), dim=-1)
+    m = text.double().T @ c
+    evals, evecs = torch.linalg.eigh(m.T @ m)
+    ref = m @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    assert torch.allclose(r.double(), ref, atol=1e-5)
+    assert torch.allclose(r.double() @ r.double().T, torch.eye(d, dtype=torch.float64), atol=1e-6)
+    # outputs turn by R; all patch-patch similarities (what TSupCon's patch-patch term sees) are kept
+    assert torch.allclose(after, before @ r.T, atol=1e-5)
+    assert torch.allclose(after @ after.T, before @ before.T, atol=1e-5)
+    assert torch.allclose(module.head.weight, r @ w0, atol=1e-6) and torch.allclose(module.head.bias, r @ b0, atol=1e-6)
+    assert torch.allclose(buf_w, r @ w_buf0, atol=1e-6) and torch.allclose(buf_b, r @ b_buf0, atol=1e-6)
+    # the centroids now point at their anchors at least as well as before, and better than 200 random rotations
+    score = lambda rot: float((text.double() * (c @ rot.double().T)).sum())   # noqa: E731
+    assert score(r) >= score(torch.eye(d)) - 1e-9
+    for _ in range(200):
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+        assert score(r) >= score(q) - 1e-9
+    # no class present: nothing turns
+    w1 = module.head.weight.clone()
+    assert torch.equal(rotate_to_anchors(module, sums, torch.zeros(k, dtype=torch.bool), text), torch.eye(d))
+    assert torch.equal(module.head.weight, w1)

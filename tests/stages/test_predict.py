@@ -24,7 +24,8 @@ def tiny(tmp_path_factory, label_world):
     base = tmp_path_factory.mktemp("tiny")
     write_world(base / "w", 3, seed=4, sizes=((160, 200), (200, 150)))
     label_world(base / "w", base / "camp", preset="tiny")
-    ckpt = train_alignment(str(base / "camp"), TrainConfig(epochs=1, device="cpu"), progress=False)  # 448 px view
+    ckpt = train_alignment(str(base / "camp"), TrainConfig(epochs=1, train_size=448, device="cpu"),
+                           progress=False)  # 448 px view
     return base, ckpt
 
 
