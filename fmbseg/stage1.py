@@ -19,13 +19,16 @@ import torch.nn.functional as F
 
 from fmbseg import IGNORE_LABEL
 from fmbseg.device import synchronize
-from fmbseg.models.base import AutoMaskConfig, ClipModel, SamModel
+from fmbseg.models.base import POINT_OUTPUTS, AutoMaskConfig, ClipModel, SamModel
 from fmbseg.models.clip import DENSE_MODES
 from fmbseg.models.sliding import sliding_window_features
 from fmbseg.pooling import mask_pool
 
 STAGE_11 = "1.1"
 STAGE_12 = "1.2"
+STAGE12_UNDETECTED = ("paper", "drop")
+# What a stored campaign config that predates a field meant (see `Stage1Config.from_stored`).
+_LEGACY_VALUES = {"point_outputs": "multimask", "stage12_undetected": "paper"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,13 @@ class Stage1Config:
     # Dense CLIP path (DESIGN §3): maskclip | clearclip | sclip. Recorded by `to_dict` only when not the default,
     # so campaigns labelled before this option existed keep their Stage-1 hash.
     dense_mode: str = "maskclip"
+    # Stage 1.1: which SAM decoder outputs a class's point set may pick from (highest predicted IoU wins): `all4`
+    # (the single-mask token 0, which SAM trains for unambiguous multi-point prompts, and the 3 multimask tokens),
+    # `multimask` (tokens 1-3 only; what campaigns labelled before this field used) or `single` (token 0 only).
+    point_outputs: str = "all4"
+    # Stage 1.2, optional deviation from the paper: `paper` gives a 1.2 mask the best *detected* class; `drop`
+    # discards a 1.2 mask whose best class over the whole vocabulary was not detected (an A/B option).
+    stage12_undetected: str = "paper"
 
     def __post_init__(self):
         if isinstance(self.templates, str):
@@ -77,6 +87,11 @@ class Stage1Config:
                 problems.append(f"template {t!r} must be a string with exactly one '{{}}'")
         if self.dense_mode not in DENSE_MODES:
             problems.append(f"dense_mode must be one of {', '.join(DENSE_MODES)} (got {self.dense_mode!r})")
+        if self.point_outputs not in POINT_OUTPUTS:
+            problems.append(f"point_outputs must be one of {', '.join(POINT_OUTPUTS)} (got {self.point_outputs!r})")
+        if self.stage12_undetected not in STAGE12_UNDETECTED:
+            problems.append(f"stage12_undetected must be one of {', '.join(STAGE12_UNDETECTED)} "
+                            f"(got {self.stage12_undetected!r})")
         if problems:
             raise ValueError("invalid Stage-1 config: " + "; ".join(problems))
         # Canonical types, so {"upscale": 2} and the default 2.0 hash to the same campaign config.
@@ -100,6 +115,13 @@ class Stage1Config:
         if unknown:
             raise ValueError(f"unknown Stage-1 config field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
+
+    @classmethod
+    def from_stored(cls, d: dict[str, Any]) -> "Stage1Config":
+        """The config a stored campaign was labelled with: like `from_dict`, except that a field added after the
+        campaign was written takes the value that reproduces the old behaviour (a missing `point_outputs` is
+        `multimask`, a missing `stage12_undetected` is `paper`), not today's default."""
+        return cls.from_dict({**_LEGACY_VALUES, **d})
 
     def auto_mask_config(self) -> AutoMaskConfig:
         return AutoMaskConfig(
@@ -247,11 +269,12 @@ def run_stage1(
         emb = sam.embed(image)
         clock.lap("sam_encoder")
 
-        # Stage 1.1, SAM: all detected classes' point sets in one decoder call; keep the best multimask output.
-        m11, iou11 = sam.predict_points(emb, points)
+        # Stage 1.1, SAM: all detected classes' point sets in one decoder call; keep the output with the highest
+        # predicted IoU among `config.point_outputs` (a tie goes to the first: token 0 under `all4`).
+        m11, iou11 = sam.predict_points(emb, points, config.point_outputs)
         iou11 = np.asarray(iou11, dtype=np.float32)
         best = iou11.argmax(1)
-        # Copies, so the result does not keep the whole (N, 3, H, W) multimask array alive.
+        # Copies, so the result does not keep the whole (N, M, H, W) array alive.
         cand = [(k, np.array(m11[i, best[i]], dtype=bool), float(iou11[i, best[i]]), STAGE_11)
                 for i, k in enumerate(detected)]
         # Stage 1.2: automatic masks from the same embedding.
@@ -266,8 +289,12 @@ def run_stage1(
             pooled = F.normalize(mask_pool(stack, sf.dense, sf.cell_size_xy).double(), dim=-1)
             cos = (pooled @ text.double().T).float().cpu().numpy()  # (n, K)
             det = np.asarray(detected)
+            is_detected = np.zeros(K, dtype=bool)
+            is_detected[det] = True
             for i, (k, m, sam_score, stage) in enumerate(cand):
                 if stage == STAGE_12:
+                    if config.stage12_undetected == "drop" and not is_detected[cos[i].argmax()]:
+                        continue
                     k = int(det[cos[i, det].argmax()])
                 masks.append(Stage1Mask(stage=stage, class_id=int(k), score=float(cos[i, k]),
                                         sam_score=sam_score, mask=m))

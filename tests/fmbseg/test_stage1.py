@@ -121,10 +121,10 @@ class CountingSam:
         self.embeds += 1
         return self.sam.embed(image)
 
-    def predict_points(self, emb, points):
+    def predict_points(self, emb, points, outputs="multimask"):
         self.point_calls += 1
         self.points.append(np.asarray(points))
-        return self.sam.predict_points(emb, points)
+        return self.sam.predict_points(emb, points, outputs)
 
     def generate(self, emb, cfg):
         self.generates += 1
