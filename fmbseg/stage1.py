@@ -41,6 +41,8 @@ class Stage1Config:
     min_crop_votes: int = 1
     points_per_class: int = 5
     points_per_side: int = 32
+    # Kept (and hashed) so campaigns written before keep their hash; the automatic-mask decode batch is now the SAM
+    # adapter's execution setting (`make_sam(points_per_batch=...)`, default by device), which changes no output.
     points_per_batch: int = 64
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
@@ -126,7 +128,6 @@ class Stage1Config:
     def auto_mask_config(self) -> AutoMaskConfig:
         return AutoMaskConfig(
             points_per_side=self.points_per_side,
-            points_per_batch=self.points_per_batch,
             pred_iou_thresh=self.pred_iou_thresh,
             stability_score_thresh=self.stability_score_thresh,
             stability_score_offset=self.stability_score_offset,

@@ -20,10 +20,10 @@ POINT_OUTPUTS = ("all4", "multimask", "single")
 
 @dataclass(frozen=True)
 class AutoMaskConfig:
-    """Settings of SAM's automatic mask generation (DESIGN §1, Stage 1.2). Areas are fractions of the image."""
+    """Settings of SAM's automatic mask generation (DESIGN §1, Stage 1.2). Areas are fractions of the image.
+    The decode batch is not here: it changes no output, so it is the SAM adapter's execution setting."""
 
     points_per_side: int = 32
-    points_per_batch: int = 64
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
     stability_score_offset: float = 1.0

@@ -90,10 +90,22 @@ def build_sam(arch: SamArch) -> nn.Module:
     return sam.eval()
 
 
+def default_points_per_batch(device: torch.device) -> int:
+    """Grid points per automatic-mask decoder call: 512 on CUDA (the decoder is small; big batches fill the GPU),
+    64 elsewhere (the CPU gains nothing from more and holds (b, 3, H, W) float32 logits per batch)."""
+    return 512 if torch.device(device).type == "cuda" else 64
+
+
 class SegmentAnythingModel:
     """`SamModel` over a segment_anything `Sam` (frozen, eval mode)."""
 
-    def __init__(self, sam: nn.Module, model_id: str, device: torch.device, weights_sha256: str | None = None):
+    def __init__(self, sam: nn.Module, model_id: str, device: torch.device, weights_sha256: str | None = None,
+                 *, fused_attention: bool = True, compile: bool = False, points_per_batch: int | None = None):
+        """`fused_attention`: the image encoder's attention through `scaled_dot_product_attention` (equal to the
+        stock path within float rounding, see `fmbseg.models.sam_attention`). `compile`: run the image encoder
+        through `torch.compile` (for GPU runs; an execution setting, not part of any config hash).
+        `points_per_batch`: grid points per automatic-mask decoder call, an execution setting that does not change
+        the masks (tested); default 64 on CPU, 512 on CUDA (`default_points_per_batch`)."""
         from segment_anything.utils.transforms import ResizeLongestSide
 
         self.sam = sam.to(device).eval().requires_grad_(False)
@@ -102,6 +114,15 @@ class SegmentAnythingModel:
         self.weights_sha256 = weights_sha256
         self.image_size = int(sam.image_encoder.img_size)
         self.transform = ResizeLongestSide(self.image_size)
+        self.fused_attention = bool(fused_attention)
+        if self.fused_attention:
+            from fmbseg.models.sam_attention import use_fused_attention
+
+            use_fused_attention(self.sam.image_encoder)
+        self.encoder = torch.compile(self.sam.image_encoder) if compile else self.sam.image_encoder
+        if points_per_batch is not None and (isinstance(points_per_batch, bool) or int(points_per_batch) < 1):
+            raise ValueError(f"points_per_batch must be a positive integer, got {points_per_batch!r}")
+        self.points_per_batch = int(points_per_batch) if points_per_batch else default_points_per_batch(device)
 
     # -- encoder ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -117,7 +138,7 @@ class SegmentAnythingModel:
         x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
         x = self.sam.preprocess(x)
         with autocast(self.device):
-            features = self.sam.image_encoder(x)
+            features = self.encoder(x)
         return SamEmbedding(original_hw=(h, w), input_hw=tuple(resized.shape[:2]), features=features.float())
 
     # -- prompts ---------------------------------------------------------------------------------------------
