@@ -35,7 +35,7 @@ def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = bias.to(q.dtype)
     # SDPA's default scale is 1/sqrt(c), the stock `head_dim ** -0.5`.
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    out = out.view(B, nh, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+    out = out.reshape(B, nh, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
     return self.proj(out)
 
 
