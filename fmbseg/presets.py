@@ -170,11 +170,17 @@ def make_clip(preset: str, device: str | torch.device = "auto", weights: str | N
                  lambda m, i, d, s: OpenClipModel(m, i, d, s, dense_mode=dense_mode), {"dense_mode": dense_mode})
 
 
-def make_sam(preset: str, device: str | torch.device = "auto", weights: str | None = None, random_init: bool = False):
-    """-> a `SamModel` of `preset`."""
+def make_sam(preset: str, device: str | torch.device = "auto", weights: str | None = None, random_init: bool = False,
+             *, fused_attention: bool = True, compile: bool = False, points_per_batch: int | None = None):
+    """-> a `SamModel` of `preset`. Execution settings (none changes outputs beyond float rounding, none is part
+    of the campaign's config hash; the oracle ignores them): `fused_attention` (SDPA in the image encoder, default
+    on), `compile` (torch.compile the image encoder, for GPU runs), `points_per_batch` (automatic-mask decode
+    batch; default by device). See `fmbseg.models.sam.SegmentAnythingModel`."""
     from fmbseg.models.sam import SegmentAnythingModel
 
-    return _make("sam", preset, device, weights, random_init, lambda m, i, d, s: SegmentAnythingModel(m, i, d, s))
+    opts = dict(fused_attention=fused_attention, compile=compile, points_per_batch=points_per_batch)
+    return _make("sam", preset, device, weights, random_init,
+                 lambda m, i, d, s: SegmentAnythingModel(m, i, d, s, **opts))
 
 
 def make_dino(preset: str, device: str | torch.device = "auto", weights: str | None = None, random_init: bool = False):

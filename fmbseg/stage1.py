@@ -19,13 +19,16 @@ import torch.nn.functional as F
 
 from fmbseg import IGNORE_LABEL
 from fmbseg.device import synchronize
-from fmbseg.models.base import AutoMaskConfig, ClipModel, SamEmbedding, SamModel
+from fmbseg.models.base import POINT_OUTPUTS, AutoMaskConfig, ClipModel, SamEmbedding, SamModel
 from fmbseg.models.clip import DENSE_MODES
 from fmbseg.models.sliding import SlidingFeatures, sliding_window_features
 from fmbseg.pooling import mask_pool
 
 STAGE_11 = "1.1"
 STAGE_12 = "1.2"
+STAGE12_UNDETECTED = ("paper", "drop")
+# What a stored campaign config that predates a field meant (see `Stage1Config.from_stored`).
+_LEGACY_VALUES = {"point_outputs": "multimask", "stage12_undetected": "paper"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class Stage1Config:
     min_crop_votes: int = 1
     points_per_class: int = 5
     points_per_side: int = 32
+    # Kept (and hashed) so campaigns written before keep their hash; the automatic-mask decode batch is now the SAM
+    # adapter's execution setting (`make_sam(points_per_batch=...)`, default by device), which changes no output.
     points_per_batch: int = 64
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
@@ -50,6 +55,13 @@ class Stage1Config:
     # Dense CLIP path (DESIGN §3): maskclip | clearclip | sclip. Recorded by `to_dict` only when not the default,
     # so campaigns labelled before this option existed keep their Stage-1 hash.
     dense_mode: str = "maskclip"
+    # Stage 1.1: which SAM decoder outputs a class's point set may pick from (highest predicted IoU wins): `all4`
+    # (the single-mask token 0, which SAM trains for unambiguous multi-point prompts, and the 3 multimask tokens),
+    # `multimask` (tokens 1-3 only; what campaigns labelled before this field used) or `single` (token 0 only).
+    point_outputs: str = "all4"
+    # Stage 1.2, optional deviation from the paper: `paper` gives a 1.2 mask the best *detected* class; `drop`
+    # discards a 1.2 mask whose best class over the whole vocabulary was not detected (an A/B option).
+    stage12_undetected: str = "paper"
 
     def __post_init__(self):
         if isinstance(self.templates, str):
@@ -77,6 +89,11 @@ class Stage1Config:
                 problems.append(f"template {t!r} must be a string with exactly one '{{}}'")
         if self.dense_mode not in DENSE_MODES:
             problems.append(f"dense_mode must be one of {', '.join(DENSE_MODES)} (got {self.dense_mode!r})")
+        if self.point_outputs not in POINT_OUTPUTS:
+            problems.append(f"point_outputs must be one of {', '.join(POINT_OUTPUTS)} (got {self.point_outputs!r})")
+        if self.stage12_undetected not in STAGE12_UNDETECTED:
+            problems.append(f"stage12_undetected must be one of {', '.join(STAGE12_UNDETECTED)} "
+                            f"(got {self.stage12_undetected!r})")
         if problems:
             raise ValueError("invalid Stage-1 config: " + "; ".join(problems))
         # Canonical types, so {"upscale": 2} and the default 2.0 hash to the same campaign config.
@@ -101,10 +118,16 @@ class Stage1Config:
             raise ValueError(f"unknown Stage-1 config field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
 
+    @classmethod
+    def from_stored(cls, d: dict[str, Any]) -> "Stage1Config":
+        """The config a stored campaign was labelled with: like `from_dict`, except that a field added after the
+        campaign was written takes the value that reproduces the old behaviour (a missing `point_outputs` is
+        `multimask`, a missing `stage12_undetected` is `paper`), not today's default."""
+        return cls.from_dict({**_LEGACY_VALUES, **d})
+
     def auto_mask_config(self) -> AutoMaskConfig:
         return AutoMaskConfig(
             points_per_side=self.points_per_side,
-            points_per_batch=self.points_per_batch,
             pred_iou_thresh=self.pred_iou_thresh,
             stability_score_thresh=self.stability_score_thresh,
             stability_score_offset=self.stability_score_offset,
@@ -247,11 +270,12 @@ def sam_candidates(sam: SamModel, emb: SamEmbedding, det: Detection,
                    config: Stage1Config) -> list[tuple[int, np.ndarray, float, str]]:
     """Phase 3 (after the SAM encoder): the decoder calls of 1.1 and 1.2 on one embedding -> non-empty candidates
     `(class_id or -1, mask (H, W) bool, sam_score, stage)`, all 1.1 (class order) then all 1.2 (SAM order)."""
-    # Stage 1.1, SAM: all detected classes' point sets in one decoder call; keep the best multimask output.
-    m11, iou11 = sam.predict_points(emb, det.points)
+    # Stage 1.1, SAM: all detected classes' point sets in one decoder call; keep the output with the highest
+    # predicted IoU among `config.point_outputs` (a tie goes to the first: token 0 under `all4`).
+    m11, iou11 = sam.predict_points(emb, det.points, config.point_outputs)
     iou11 = np.asarray(iou11, dtype=np.float32)
     best = iou11.argmax(1)
-    # Copies, so the result does not keep the whole (N, 3, H, W) multimask array alive.
+    # Copies, so the result does not keep the whole (N, M, H, W) array alive.
     cand = [(k, np.array(m11[i, best[i]], dtype=bool), float(iou11[i, best[i]]), STAGE_11)
             for i, k in enumerate(det.detected)]
     # Stage 1.2: automatic masks from the same embedding.
@@ -260,8 +284,11 @@ def sam_candidates(sam: SamModel, emb: SamEmbedding, det: Detection,
     return [c for c in cand if c[1].any()]
 
 
-def label_candidates(cand: Sequence[tuple[int, np.ndarray, float, str]], det: Detection) -> list[Stage1Mask]:
-    """Phase 4: pooled dense CLIP under each candidate -> its score (1.1) or its class and score (1.2)."""
+def label_candidates(cand: Sequence[tuple[int, np.ndarray, float, str]], det: Detection,
+                     config: Stage1Config) -> list[Stage1Mask]:
+    """Phase 4: pooled dense CLIP under each candidate -> its score (1.1) or its class and score (1.2); with
+    `config.stage12_undetected == "drop"` a 1.2 mask whose best class over the whole vocabulary was not detected is
+    dropped."""
     masks: list[Stage1Mask] = []
     if cand:
         sf, text = det.features, det.text
@@ -270,8 +297,12 @@ def label_candidates(cand: Sequence[tuple[int, np.ndarray, float, str]], det: De
         pooled = F.normalize(mask_pool(stack, sf.dense, sf.cell_size_xy).double(), dim=-1)
         cos = (pooled @ text.double().T).float().cpu().numpy()  # (n, K)
         det_ids = np.asarray(det.detected)
+        is_detected = np.zeros(text.shape[0], dtype=bool)
+        is_detected[det_ids] = True
         for i, (k, m, sam_score, stage) in enumerate(cand):
             if stage == STAGE_12:
+                if config.stage12_undetected == "drop" and not is_detected[cos[i].argmax()]:
+                    continue
                 k = int(det_ids[cos[i, det_ids].argmax()])
             masks.append(Stage1Mask(stage=stage, class_id=int(k), score=float(cos[i, k]),
                                     sam_score=sam_score, mask=m))
@@ -316,7 +347,7 @@ def run_stage1(
         clock.lap("sam_encoder")
         cand = sam_candidates(sam, emb, det, config)
         clock.lap("sam_decoder")
-        masks = label_candidates(cand, det)
+        masks = label_candidates(cand, det, config)
     selected, label = merge_masks(masks, H, W, config, seed, image_id)
     clock.lap("labeling")
     timings.update(clock.times)

@@ -77,9 +77,11 @@ def build_stage1_config(preset: str, overrides: dict | None = None):
 
 
 def stage1_config_from_manifest(manifest: CampaignManifest):
+    """The Stage-1 config a campaign was labelled with; fields its campaign.json predates keep their old meaning
+    (`Stage1Config.from_stored`), so an old campaign's remaining shards are labelled as its first ones were."""
     from fmbseg.stage1 import Stage1Config
 
-    return Stage1Config.from_dict(manifest.stage1)
+    return Stage1Config.from_stored(manifest.stage1)
 
 
 def _model_record(clip, sam) -> dict:

@@ -330,7 +330,7 @@ def label_entries(entries: Sequence, clip, sam, text: torch.Tensor, config, seed
             try:
                 cand = sam_candidates(sam, embs[i], det, config)
                 t = lap("sam_decoder", t)
-                done.append(_Done(p.entry, p.hw, masks=label_candidates(cand, det)))
+                done.append(_Done(p.entry, p.hw, masks=label_candidates(cand, det, config)))
                 t = lap("labeling", t)
             except Exception as e:  # one image's decoder/pooling failure: its own failed row
                 done.append(_Done(p.entry, p.hw, error=_failure_of(e, p.entry, shard_id)))

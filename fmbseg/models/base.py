@@ -14,13 +14,16 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
+# Which of SAM's 4 decoder outputs a point prompt returns (see `SamModel.predict_points`).
+POINT_OUTPUTS = ("all4", "multimask", "single")
+
 
 @dataclass(frozen=True)
 class AutoMaskConfig:
-    """Settings of SAM's automatic mask generation (DESIGN §1, Stage 1.2). Areas are fractions of the image."""
+    """Settings of SAM's automatic mask generation (DESIGN §1, Stage 1.2). Areas are fractions of the image.
+    The decode batch is not here: it changes no output, so it is the SAM adapter's execution setting."""
 
     points_per_side: int = 32
-    points_per_batch: int = 64
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
     stability_score_offset: float = 1.0
@@ -81,9 +84,12 @@ class SamModel(Protocol):
     def embed(self, image: np.ndarray) -> SamEmbedding:
         """(H, W, 3) uint8 -> embedding; exactly one image-encoder pass."""
 
-    def predict_points(self, emb: SamEmbedding, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict_points(self, emb: SamEmbedding, points: np.ndarray, outputs: str = "multimask"
+                       ) -> tuple[np.ndarray, np.ndarray]:
         """points (N, n, 2) (x, y) original px, all positive, one decoder call for the N prompt sets
-        -> masks (N, 3, H, W) bool at original resolution, iou_pred (N, 3) float32."""
+        -> masks (N, M, H, W) bool at original resolution, iou_pred (N, M) float32. `outputs` (POINT_OUTPUTS):
+        `multimask` M = 3 (SAM's multimask tokens 1-3), `single` M = 1 (the single-mask token 0), `all4` M = 4
+        (token 0 first, then tokens 1-3), all from the same decoder call."""
 
     def generate(self, emb: SamEmbedding, cfg: AutoMaskConfig) -> list[AutoMask]:
         """Automatic masks from the precomputed embedding (no crop layers, no re-embedding)."""

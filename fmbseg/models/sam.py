@@ -16,7 +16,11 @@ import torch
 from torch import nn
 
 from fmbseg.device import autocast
-from fmbseg.models.base import AutoMask, AutoMaskConfig, SamEmbedding
+from fmbseg.models.base import POINT_OUTPUTS, AutoMask, AutoMaskConfig, SamEmbedding
+
+# Which of the decoder's 4 outputs (0: single-mask token, 1-3: multimask tokens) each `outputs` choice returns.
+_OUTPUT_SLICES = {"all4": slice(0, 4), "multimask": slice(1, 4), "single": slice(0, 1)}
+assert set(_OUTPUT_SLICES) == set(POINT_OUTPUTS)
 
 
 @dataclass(frozen=True)
@@ -86,10 +90,22 @@ def build_sam(arch: SamArch) -> nn.Module:
     return sam.eval()
 
 
+def default_points_per_batch(device: torch.device) -> int:
+    """Grid points per automatic-mask decoder call: 512 on CUDA (the decoder is small; big batches fill the GPU),
+    64 elsewhere (the CPU gains nothing from more and holds (b, 3, H, W) float32 logits per batch)."""
+    return 512 if torch.device(device).type == "cuda" else 64
+
+
 class SegmentAnythingModel:
     """`SamModel` over a segment_anything `Sam` (frozen, eval mode)."""
 
-    def __init__(self, sam: nn.Module, model_id: str, device: torch.device, weights_sha256: str | None = None):
+    def __init__(self, sam: nn.Module, model_id: str, device: torch.device, weights_sha256: str | None = None,
+                 *, fused_attention: bool = True, compile: bool = False, points_per_batch: int | None = None):
+        """`fused_attention`: the image encoder's attention through `scaled_dot_product_attention` (equal to the
+        stock path within float rounding, see `fmbseg.models.sam_attention`). `compile`: run the image encoder
+        through `torch.compile` (for GPU runs; an execution setting, not part of any config hash).
+        `points_per_batch`: grid points per automatic-mask decoder call, an execution setting that does not change
+        the masks (tested); default 64 on CPU, 512 on CUDA (`default_points_per_batch`)."""
         from segment_anything.utils.transforms import ResizeLongestSide
 
         self.sam = sam.to(device).eval().requires_grad_(False)
@@ -98,6 +114,15 @@ class SegmentAnythingModel:
         self.weights_sha256 = weights_sha256
         self.image_size = int(sam.image_encoder.img_size)
         self.transform = ResizeLongestSide(self.image_size)
+        self.fused_attention = bool(fused_attention)
+        if self.fused_attention:
+            from fmbseg.models.sam_attention import use_fused_attention
+
+            use_fused_attention(self.sam.image_encoder)
+        self.encoder = torch.compile(self.sam.image_encoder) if compile else self.sam.image_encoder
+        if points_per_batch is not None and (isinstance(points_per_batch, bool) or int(points_per_batch) < 1):
+            raise ValueError(f"points_per_batch must be a positive integer, got {points_per_batch!r}")
+        self.points_per_batch = int(points_per_batch) if points_per_batch else default_points_per_batch(device)
 
     # -- encoder ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -113,7 +138,7 @@ class SegmentAnythingModel:
         x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
         x = self.sam.preprocess(x)
         with autocast(self.device):
-            features = self.sam.image_encoder(x)
+            features = self.encoder(x)
         return SamEmbedding(original_hw=(h, w), input_hw=tuple(resized.shape[:2]), features=features.float())
 
     # -- prompts ---------------------------------------------------------------------------------------------
@@ -132,38 +157,70 @@ class SegmentAnythingModel:
         return self.transform.apply_coords(np.asarray(points, dtype=np.float64), original_hw) - 0.5
 
     @torch.no_grad()
-    def decode(self, emb: SamEmbedding, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """points (N, n, 2) continuous original px, all positive -> mask logits (N, 3, H, W) at the original
-        resolution and predicted IoU (N, 3), float32 on the device, from ONE prompt-encoder/decoder call."""
+    def decode_low_res(self, emb: SamEmbedding, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """coords (N, n, 2) in segment_anything's input-frame pixel-index convention (what `to_model_coords`
+        returns; the automatic-mask grid is given there directly, as the stock generator does), all positive ->
+        low-resolution mask logits (N, 4, h, w) and predicted IoU (N, 4), in the decoder's (autocast) dtype, from
+        ONE prompt-encoder/decoder call. Output 0 is SAM's single-mask token, 1..3 its multimask tokens.
+
+        The coordinates' dtype is kept up to the positional encoding (float64 grid points are shifted and scaled in
+        float64 exactly as in `SamAutomaticMaskGenerator`)."""
         features = self._features(emb)
-        coords = torch.as_tensor(self.to_model_coords(points, emb.original_hw), dtype=torch.float32, device=self.device)
         labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
         # Prompt and dense positional encodings stay float32: they are sin/cos of coordinates times random
         # frequencies, and bf16's 8-bit mantissa would move a point by several input pixels.
         sparse, dense = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         image_pe = self.sam.prompt_encoder.get_dense_pe()
         with autocast(self.device):
-            low_res, iou = self.sam.mask_decoder(
+            # predict_masks is what MaskDecoder.forward calls before slicing [0:1] or [1:4]: all 4 outputs cost
+            # the same single transformer pass.
+            low_res, iou = self.sam.mask_decoder.predict_masks(
                 image_embeddings=features,
                 image_pe=image_pe,
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
-                multimask_output=True,
             )
-        logits = self.sam.postprocess_masks(low_res.float(), emb.input_hw, emb.original_hw)
-        return logits, iou.float()
+        return low_res, iou
 
-    def predict_points(self, emb: SamEmbedding, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """points (N, n, 2) (x, y) original px -> masks (N, 3, H, W) bool, iou_pred (N, 3) float32 (multimask)."""
+    def upsample(self, low_res: torch.Tensor, emb: SamEmbedding) -> torch.Tensor:
+        """Low-resolution logits (..., h, w) -> float32 logits (..., H, W) at the original resolution
+        (`Sam.postprocess_masks`: bilinear to the padded input, crop the padding, bilinear to the original)."""
+        lead = low_res.shape[:-2]
+        x = low_res.float().reshape(-1, 1, *low_res.shape[-2:])
+        out = self.sam.postprocess_masks(x, emb.input_hw, emb.original_hw)
+        return out.reshape(*lead, *out.shape[-2:])
+
+    @torch.no_grad()
+    def decode(self, emb: SamEmbedding, points: np.ndarray, outputs: str = "multimask"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """points (N, n, 2) continuous original px, all positive -> mask logits (N, M, H, W) at the original
+        resolution and predicted IoU (N, M), float32 on the device, from ONE prompt-encoder/decoder call.
+        `outputs`: `multimask` (M = 3, SAM's multimask tokens), `single` (M = 1, the single-mask token) or `all4`
+        (M = 4: the single-mask token, then the 3 multimask tokens)."""
+        sl = _OUTPUT_SLICES.get(outputs)
+        if sl is None:
+            raise ValueError(f"outputs must be one of {', '.join(POINT_OUTPUTS)}, got {outputs!r}")
+        coords = torch.as_tensor(self.to_model_coords(points, emb.original_hw), dtype=torch.float32, device=self.device)
+        low_res, iou = self.decode_low_res(emb, coords)
+        return self.upsample(low_res[:, sl], emb), iou[:, sl].float()
+
+    def predict_points(self, emb: SamEmbedding, points: np.ndarray, outputs: str = "multimask"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """points (N, n, 2) (x, y) original px -> masks (N, M, H, W) bool, iou_pred (N, M) float32; M and the
+        order of the outputs as in `decode` (`all4`: token 0 = single-mask output first)."""
+        sl = _OUTPUT_SLICES.get(outputs)
+        if sl is None:
+            raise ValueError(f"outputs must be one of {', '.join(POINT_OUTPUTS)}, got {outputs!r}")
         points = np.asarray(points, dtype=np.float64)
         if points.ndim != 3 or points.shape[2] != 2 or (points.shape[0] and points.shape[1] == 0):
             raise ValueError(f"points must be (N, n, 2) (x, y) with n >= 1, got shape {points.shape}")
         if not np.isfinite(points).all():
             raise ValueError("points contain NaN or infinite coordinates")
         h, w = emb.original_hw
+        m = len(range(4)[sl])
         if points.shape[0] == 0:
-            return np.zeros((0, 3, h, w), dtype=bool), np.zeros((0, 3), dtype=np.float32)
-        logits, iou = self.decode(emb, points)
+            return np.zeros((0, m, h, w), dtype=bool), np.zeros((0, m), dtype=np.float32)
+        logits, iou = self.decode(emb, points, outputs)
         masks = (logits > self.sam.mask_threshold).cpu().numpy()
         return masks, iou.cpu().numpy().astype(np.float32)
 
@@ -195,7 +252,7 @@ class SegmentAnythingModel:
         x = torch.cat([self.sam.preprocess(torch.as_tensor(r).to(self.device, non_blocking=True)
                                            .permute(2, 0, 1).contiguous()[None].float()) for r in prepared])
         with autocast(self.device):
-            features = self.sam.image_encoder(x)
+            features = self.encoder(x)
         return [SamEmbedding(original_hw=tuple(image.shape[:2]), input_hw=tuple(r.shape[:2]),
                              features=features[i : i + 1].float())
                 for i, (image, r) in enumerate(zip(images, prepared))]

@@ -12,7 +12,8 @@ and bookkeeping logic is scored where the right answer is known.
   block of `noise_block` x `noise_block` patches. Without noise a patch is
   still nearest to its own colour's text; with it, similar classes get mixed up, more so the closer they are.
 - SAM-oracle: `embed` labels the 4-connected same-colour regions once; point prompts give the union of the regions
-  containing the points (three multimask outputs, predicted IoU 0.95 / 0.90 / 0.85); automatic generation gives
+  containing the points in every output: the single-mask output (token 0) with predicted IoU 0.93, the three
+  multimask outputs with 0.95 / 0.90 / 0.85 (so `all4` and `multimask` pick the same mask and score); automatic generation gives
   every region of allowed area hit by a grid point (SAM's `build_point_grid`), predicted IoU 0.95, stability 1.0.
   Regions are disjoint, so box NMS would only drop correct masks whose boxes happen to overlap: the oracle skips it.
 - DINO-oracle: a patch's mean colour through a fixed random linear map to C = 64 dims, plus noise seeded by the
@@ -36,6 +37,9 @@ from fmbseg.testing.palette import NUM_COLOURS, PALETTE_NAMES, nearest_colour, n
 
 ORACLE_SEED = 20240314
 MULTIMASK_IOU = (0.95, 0.90, 0.85)
+SINGLE_MASK_IOU = 0.93
+# Predicted IoU of each `outputs` choice of predict_points, in SegmentAnythingModel's output order.
+_POINT_IOU = {"all4": (SINGLE_MASK_IOU, *MULTIMASK_IOU), "multimask": MULTIMASK_IOU, "single": (SINGLE_MASK_IOU,)}
 AUTO_PREDICTED_IOU = 0.95
 AUTO_STABILITY = 1.0
 
@@ -261,8 +265,13 @@ class OracleSam:
         rows = np.clip(np.floor(xy[..., 1]).astype(np.int64), 0, H - 1)
         return feats.regions[rows, cols]
 
-    def predict_points(self, emb: SamEmbedding, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """points (N, n, 2) (x, y) original px -> masks (N, 3, H, W) bool, iou_pred (N, 3) float32."""
+    def predict_points(self, emb: SamEmbedding, points: np.ndarray, outputs: str = "multimask"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """points (N, n, 2) (x, y) original px -> masks (N, M, H, W) bool, iou_pred (N, M) float32: M = 4 / 3 / 1
+        for `all4` / `multimask` / `single`, every output the union of the hit regions (predicted IoU: 0.93 for
+        the single-mask output, 0.95 / 0.90 / 0.85 for the multimask ones)."""
+        if outputs not in _POINT_IOU:
+            raise ValueError(f"outputs must be one of {', '.join(_POINT_IOU)}, got {outputs!r}")
         feats = self._features(emb)
         points = np.asarray(points, dtype=np.float64)
         if points.ndim != 3 or points.shape[2] != 2 or points.shape[1] < 1:
@@ -275,8 +284,8 @@ class OracleSam:
         table = np.zeros((N, feats.areas.size), dtype=bool)
         table[np.arange(N)[:, None], hit] = True
         masks = table[:, feats.regions]  # (N, H, W)
-        masks = np.repeat(masks[:, None], len(MULTIMASK_IOU), axis=1)
-        iou = np.tile(np.asarray(MULTIMASK_IOU, dtype=np.float32), (N, 1))
+        masks = np.repeat(masks[:, None], len(_POINT_IOU[outputs]), axis=1)
+        iou = np.tile(np.asarray(_POINT_IOU[outputs], dtype=np.float32), (N, 1))
         return masks, iou
 
     def generate(self, emb: SamEmbedding, cfg: AutoMaskConfig) -> list[AutoMask]:

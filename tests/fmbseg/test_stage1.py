@@ -38,6 +38,35 @@ def test_config_defaults_and_round_trip():
         Stage1Config(points_per_class=0)
     with pytest.raises(ValueError, match="template"):
         Stage1Config(templates=("a photo",))
+    assert (c.point_outputs, c.stage12_undetected) == ("all4", "paper")
+    assert d["point_outputs"] == "all4" and d["stage12_undetected"] == "paper"  # recorded, so hashed
+    with pytest.raises(ValueError, match="point_outputs must be one of all4, multimask, single"):
+        Stage1Config(point_outputs="best")
+    with pytest.raises(ValueError, match="stage12_undetected must be one of paper, drop"):
+        Stage1Config(stage12_undetected="ignore")
+
+
+def test_stored_configs_that_predate_a_field_keep_their_meaning():
+    """A campaign.json written before point_outputs / stage12_undetected existed was labelled with the multimask
+    outputs and the paper's 1.2 rule: rebuilt from the manifest it stays so, while user overrides get the new
+    defaults."""
+    from stages.label import stage1_config_from_manifest
+    from storage.campaign import CampaignManifest
+
+    old = Stage1Config().to_dict()
+    del old["point_outputs"], old["stage12_undetected"]
+    stored = Stage1Config.from_stored(old)
+    assert (stored.point_outputs, stored.stage12_undetected) == ("multimask", "paper")
+    assert Stage1Config.from_dict(old).point_outputs == "all4"
+    # A stored value wins over the legacy meaning; from_stored validates like from_dict.
+    assert Stage1Config.from_stored({**old, "point_outputs": "single"}).point_outputs == "single"
+    with pytest.raises(ValueError, match="unknown Stage-1 config field"):
+        Stage1Config.from_stored({"upscal": 3})
+    manifest = CampaignManifest(stage1=old, vocabulary={"names": ["a"], "synonyms": [["a"]]}, preset="oracle",
+                                models={}, seed=0, code_version="0")
+    assert stage1_config_from_manifest(manifest) == stored
+    manifest.stage1 = Stage1Config().to_dict()
+    assert stage1_config_from_manifest(manifest) == Stage1Config()
 
 
 def test_config_dense_mode():
@@ -121,10 +150,10 @@ class CountingSam:
         self.embeds += 1
         return self.sam.embed(image)
 
-    def predict_points(self, emb, points):
+    def predict_points(self, emb, points, outputs="multimask"):
         self.point_calls += 1
         self.points.append(np.asarray(points))
-        return self.sam.predict_points(emb, points)
+        return self.sam.predict_points(emb, points, outputs)
 
     def generate(self, emb, cfg):
         self.generates += 1
@@ -215,6 +244,100 @@ def test_stage1_recovers_the_planted_labels(world, oracle):
     print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
     assert merged.miou >= 0.93 and s12.miou >= 0.90 and s11.miou >= 0.95
     assert merged.coverage > 0.9 and s12.coverage > 0.9 and s11.coverage > 0.5
+
+
+class ScriptedSam(CountingSam):
+    """Oracle SAM whose point outputs are told apart by size (output j of row i keeps j + 1 pixels of the oracle's
+    mask) and score `iou_rows[i % len(iou_rows)]` (scores given in all4 order: token 0, tokens 1-3)."""
+
+    def __init__(self, sam, iou_rows):
+        super().__init__(sam)
+        self.iou_rows, self.asked = np.asarray(iou_rows, dtype=np.float32), []
+
+    def predict_points(self, emb, points, outputs="multimask"):
+        self.asked.append(outputs)
+        masks, _ = super().predict_points(emb, points, outputs)
+        cols = {"all4": [0, 1, 2, 3], "multimask": [1, 2, 3], "single": [0]}[outputs]
+        out = np.zeros_like(masks)
+        iou = np.zeros(masks.shape[:2], dtype=np.float32)
+        for i in range(masks.shape[0]):
+            for j in range(masks.shape[1]):
+                ys, xs = np.nonzero(masks[i, j])
+                out[i, j, ys[: cols[j] + 1], xs[: cols[j] + 1]] = True
+            iou[i] = self.iou_rows[i % len(self.iou_rows)][cols]
+        return out, iou
+
+
+@pytest.mark.parametrize("point_outputs", ["all4", "multimask", "single"])
+def test_stage11_keeps_the_highest_predicted_iou_among_the_configured_outputs(world, oracle, point_outputs):
+    clip, sam, text = oracle
+    _, image, _ = world[0]
+    rows = [[0.97, 0.90, 0.95, 0.80], [0.50, 0.90, 0.70, 0.90], [0.60, 0.60, 0.60, 0.60]]
+    spy = ScriptedSam(sam, rows)
+    cfg = Stage1Config(point_outputs=point_outputs, stage12_fraction=0.0)
+    r = run_stage1(image, clip, spy, text, cfg, seed=0, image_id="x")
+    assert spy.asked == [point_outputs] and spy.point_calls == 1
+    m11 = [m for m in r.masks if m.stage == "1.1"]
+    assert len(m11) == len(r.detected) >= 3
+    # Expected token (first of ties) and its score, worked out by hand from `rows`.
+    want = {"all4": [(0, 0.97), (1, 0.90), (0, 0.60)], "multimask": [(2, 0.95), (1, 0.90), (1, 0.60)],
+            "single": [(0, 0.97), (0, 0.50), (0, 0.60)]}[point_outputs]
+    for i, m in enumerate(m11):
+        token, score = want[i % 3]
+        assert m.mask.sum() == token + 1 and m.sam_score == pytest.approx(score)
+
+
+def test_oracle_point_outputs_leave_stage1_unchanged(world, oracle):
+    """The SAM-oracle's single-mask output (0.93) never beats its best multimask one (0.95): all4 and multimask
+    give the same Stage-1 result, so oracle campaigns keep their outputs under the new default."""
+    clip, sam, text = oracle
+    _, image, _ = world[0]
+    a = run_stage1(image, clip, sam, text, Stage1Config(point_outputs="all4"), seed=0, image_id="i")
+    b = run_stage1(image, clip, sam, text, Stage1Config(point_outputs="multimask"), seed=0, image_id="i")
+    c = run_stage1(image, clip, sam, text, Stage1Config(point_outputs="single"), seed=0, image_id="i")
+    assert np.array_equal(a.label, b.label) and np.array_equal(a.label, c.label)
+    assert [(m.class_id, m.score, m.sam_score) for m in a.masks] == [(m.class_id, m.score, m.sam_score) for m in b.masks]
+    assert all(m.sam_score == pytest.approx(0.93) for m in c.masks if m.stage == "1.1")
+
+
+def test_stage12_undetected_drop_on_a_world_with_undetected_classes(world, oracle):
+    """`drop` (an A/B option, not the paper's method) discards the 1.2 masks whose best class over the whole
+    vocabulary was not detected. In the oracle world a 1.2 mask is one same-colour region, so the class the
+    annotation gives it is (up to pooling at the CLIP cell scale) its best class: the dropped masks must be the
+    paper-mode masks on classes the crops did not detect, and the kept ones the others, in the same order."""
+    clip, sam, text = oracle
+    world = world[:4]
+    runs = {mode: [] for mode in ("paper", "drop")}
+    # min_crop_votes 3: classes covering little of an image win fewer crops and go undetected.
+    for mode in runs:
+        cfg = Stage1Config(min_crop_votes=3, stage12_undetected=mode)
+        runs[mode] = [run_stage1(image, clip, sam, text, cfg, seed=0, image_id=i) for i, image, _ in world]
+    stats, n_undetected, dropped, dropped_on_undetected = {}, 0, 0, 0
+    for mode, results in runs.items():
+        s12, n12 = IoU(), 0
+        for r, (_, _, gt) in zip(results, world):
+            m12 = [m for m in r.masks if m.stage == "1.2"]
+            n12 += len(m12)
+            s12.add(merge_label_map(m12, np.ones(len(m12), bool), *gt.shape), gt)
+        stats[mode] = (s12.miou, s12.coverage, n12)
+    for paper, drop, (_, _, gt) in zip(runs["paper"], runs["drop"], world):
+        assert paper.detected == drop.detected
+        n_undetected += len(set(np.unique(gt).tolist()) - set(paper.detected))
+        p12 = [m for m in paper.masks if m.stage == "1.2"]
+        d12 = [m.mask.tobytes() for m in drop.masks if m.stage == "1.2"]
+        kept = [m for m in p12 if m.mask.tobytes() in d12]
+        assert [m.mask.tobytes() for m in kept] == d12  # a subsequence of the paper-mode masks, same classes
+        for m in p12:
+            if m.mask.tobytes() not in d12:
+                dropped += 1
+                dropped_on_undetected += int(np.bincount(gt[m.mask]).argmax() not in paper.detected)
+    print(f"\nstage 1.2 on the oracle world, min_crop_votes 3, {n_undetected} present classes undetected; "
+          + "; ".join(f"{k}: mIoU {100 * stats[k][0]:.2f}% on {100 * stats[k][1]:.2f}% of pixels ({stats[k][2]} masks)"
+                      for k in ("paper", "drop"))
+          + f"; {dropped} dropped, {dropped_on_undetected} of them on an undetected class")
+    assert n_undetected > 0 and dropped > 0
+    assert dropped_on_undetected >= 0.9 * dropped
+    assert stats["drop"][0] > stats["paper"][0]
 
 
 def test_odd_sizes_run(oracle):

@@ -39,7 +39,8 @@ class _Counter:
 
 def test_one_encoder_pass_serves_point_prompts_and_automatic_masks(sam, image):
     encoder = _Counter(sam.sam.image_encoder)
-    decoder = _Counter(sam.sam.mask_decoder)
+    # output_upscaling runs once per decoder call, whichever entry point (forward, predict_masks) is used.
+    decoder = _Counter(sam.sam.mask_decoder.output_upscaling)
     try:
         emb = sam.embed(image)
         points = np.array([[[30.5, 20.5], [40.0, 25.0]], [[80.0, 50.0], [90.0, 52.0]], [[5.0, 5.0], [6.0, 6.0]]])
@@ -87,6 +88,35 @@ def test_batched_prompts_equal_one_by_one_stock_predictions(sam, image):
         ref_masks, ref_iou, _ = predictor.predict_torch(coords, torch.ones(1, 2, dtype=torch.int))
         assert np.array_equal(masks[k], ref_masks[0].numpy())
         assert np.allclose(iou[k], ref_iou[0].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("outputs", ["all4", "multimask", "single"])
+def test_point_outputs_are_stock_single_and_multimask_outputs_of_one_call(sam, image, outputs):
+    """all4 = [token 0 (stock multimask_output=False), tokens 1-3 (stock multimask_output=True)] in ONE call."""
+    from segment_anything import SamPredictor
+
+    emb = sam.embed(image)
+    points = np.array([[[30.5, 20.5], [40.0, 25.0], [45.0, 30.0]], [[80.0, 50.0], [90.0, 52.0], [75.0, 47.0]]])
+    upscaling = _Counter(sam.sam.mask_decoder.output_upscaling)
+    try:
+        masks, iou = sam.predict_points(emb, points, outputs)
+    finally:
+        upscaling.handle.remove()
+    assert upscaling.calls == 1
+    m = {"all4": 4, "multimask": 3, "single": 1}[outputs]
+    assert masks.shape == (2, m, 61, 97) and iou.shape == (2, m) and iou.dtype == np.float32
+    predictor = SamPredictor(sam.sam)
+    predictor.set_image(image)
+    coords = torch.as_tensor(sam.to_model_coords(points, (61, 97)), dtype=torch.float32)
+    labels = torch.ones(2, 3, dtype=torch.int)
+    single, single_iou, _ = predictor.predict_torch(coords, labels, multimask_output=False)
+    multi, multi_iou, _ = predictor.predict_torch(coords, labels, multimask_output=True)
+    ref = {"all4": (torch.cat([single, multi], 1), torch.cat([single_iou, multi_iou], 1)),
+           "multimask": (multi, multi_iou), "single": (single, single_iou)}[outputs]
+    assert np.array_equal(masks, ref[0].numpy())
+    assert np.allclose(iou, ref[1].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="outputs must be one of"):
+        sam.predict_points(emb, points, "best")
 
 
 def test_coordinate_mapping_hand_computed(sam):
@@ -145,6 +175,8 @@ def test_bad_inputs_are_refused(sam, image):
         sam.predict_points(emb, np.full((1, 1, 2), np.nan))
     masks, iou = sam.predict_points(emb, np.zeros((0, 5, 2)))
     assert masks.shape == (0, 3, 61, 97) and iou.shape == (0, 3)
+    masks, iou = sam.predict_points(emb, np.zeros((0, 5, 2)), "all4")
+    assert masks.shape == (0, 4, 61, 97) and iou.shape == (0, 4)
     with pytest.raises(ValueError, match="min_area_frac"):
         sam.generate(emb, AutoMaskConfig(min_area_frac=0.5, max_area_frac=0.1))
     from fmbseg.models.base import SamEmbedding
