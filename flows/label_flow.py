@@ -89,8 +89,22 @@ def label_shard_task(campaign: str, shard_id: int, device: str = "auto", retry_f
     gaps between a worker's shards: the per-shard cost of Prefect and Ray)."""
     started = time.time()
     result = label_shard(campaign, shard_id, device=device, retry_failed=retry_failed)
+    log_shard_result(get_run_logger(), result)
     return {**result, **worker_info(), "model_loads": models_cache.load_count(), "started": started,
             "finished": time.time()}
+
+
+def log_shard_result(logger, r: dict) -> None:
+    """One line per shard in the task's log: what it labelled, what failed and why, how long it took."""
+    if r.get("skipped"):
+        logger.info("shard %06d already done: %d images (%d ok, %d failed), %d masks; skipped", r["shard_id"],
+                    r["images"], r["ok"], r["failed"], r["masks"])
+        return
+    reasons = ", ".join(f"{k} x{n}" for k, n in sorted(r.get("failure_reasons", {}).items(), key=lambda kv: -kv[1]))
+    seconds = float(r.get("seconds") or 0.0)
+    logger.info("shard %06d labelled: %d images (%d ok, %d failed%s), %d masks, %.1f s (%.2f images/s)",
+                r["shard_id"], r["images"], r["ok"], r["failed"], f": {reasons}" if reasons else "", r["masks"],
+                seconds, r["images"] / seconds if seconds > 0 else 0.0)
 
 
 def pending_shards(campaign: str, shard_ids: list[int], retry_failed: bool = False) -> list[int]:

@@ -98,6 +98,9 @@ def fmbseg_pipeline(
     gpus_per_shard: float | None = None,
     cpus_per_shard: float = 1.0,
     ray_init_kwargs: dict | None = None,
+    shard_retries: int = 3,
+    retry_delay_seconds: float = 10.0,
+    allow_outside_root: bool = False,
 ) -> dict:
     """Label `images` into `campaign`, train the alignment module on it, evaluate it on `eval_dataset`
     (skipped when None) and draw overlays on `overlay_images` (skipped when None).
@@ -106,7 +109,8 @@ def fmbseg_pipeline(
     `eval_*` are those of `evaluate` (`eval_out` defaults to `<campaign>/eval/<training hash>`). With `demo_root`
     set, the inputs are a synthetic world written there (`demo_train_images` + a disjoint `demo_eval_images`),
     outputs go under it, and evaluation and overlays run on the evaluation world. `runner`, `ray_address`,
-    `gpus_per_shard`, `cpus_per_shard`, `ray_init_kwargs`: as in `label-campaign`; with `runner="ray"` the
+    `gpus_per_shard`, `cpus_per_shard`, `ray_init_kwargs`, `shard_retries`, `retry_delay_seconds`,
+    `allow_outside_root`: as in `label-campaign`; with `runner="ray"` the
     evaluation also runs on Ray, one task per segmenter (training stays in this flow run's process).
     Returns the paths and summaries of every stage."""
     logger = get_run_logger()
@@ -132,6 +136,7 @@ def fmbseg_pipeline(
         device=device, image_root=image_root, stage1=stage1, overwrite=overwrite, rank=rank,
         world_size=world_size, retry_failed=retry_failed, runner=runner, ray_address=ray_address,
         gpus_per_shard=gpus_per_shard, cpus_per_shard=cpus_per_shard, ray_init_kwargs=ray_init_kwargs,
+        shard_retries=shard_retries, retry_delay_seconds=retry_delay_seconds, allow_outside_root=allow_outside_root,
     )
     result: dict = {"campaign": campaign, "label": label}
     if rank != 0:

@@ -467,13 +467,54 @@ def campaign_status(campaign: str) -> dict:
         "masks_per_class": dict(per_class.most_common()),
         "selected_per_class": dict(selected.most_common()),
         "problems": problems,
+        "failed_images": _failed_images(reader, done),
+        "outputs": _stage2_outputs(root),
     }
+
+
+FAILED_SHOWN = 10
+
+
+def _failed_images(reader: CampaignReader, done: dict, limit: int = FAILED_SHOWN) -> list[dict]:
+    """The first `limit` failed images ({image_id, path, error}) of the committed shards, in shard order; reads only
+    the `images` tables of shards whose marker counts failures."""
+    out: list[dict] = []
+    for sid, m in done.items():
+        if not m.failed:
+            continue
+        try:
+            rows = reader.images([sid]).to_pylist()
+        except Exception as e:  # noqa: BLE001 - a damaged shard is reported by `problems`/verify, not here
+            log.warning("cannot read the images table of shard %d: %s", sid, e)
+            continue
+        out += [{"image_id": r["image_id"], "path": r["path"], "error": r["error"]} for r in rows
+                if r["status"] == "failed"]
+        if len(out) >= limit:
+            return out[:limit]
+    return out
+
+
+def _stage2_outputs(root: CampaignRoot) -> dict[str, list[str]]:
+    """What was made from the campaign under its root: checkpoints (`train/*/model.pt`), evaluation reports
+    (`eval/*/results.md`), label-quality reports (`stats/stats.md`) and pseudo-label pictures (`show/`), as
+    campaign-relative paths."""
+    out: dict[str, list[str]] = {"checkpoints": [], "reports": []}
+    for name in root.listdir("train"):
+        if root.exists(f"train/{name}/model.pt"):
+            out["checkpoints"].append(f"train/{name}/model.pt")
+    for name in root.listdir("eval"):
+        if root.exists(f"eval/{name}/results.md"):
+            out["reports"].append(f"eval/{name}/results.md")
+    for rel in ("stats/stats.md", "show"):
+        if root.exists(rel):
+            out["reports"].append(rel)
+    return out
 
 
 def format_status(s: dict) -> str:
     """The screen `fmbseg status` prints."""
     lines = [
-        f"campaign  {s['campaign']}  (preset {s['preset']}, {s['classes']} classes)",
+        f"campaign  {s['campaign']}  (preset {s['preset']}, {s['classes']} class{'' if s['classes'] == 1 else 'es'})",
         f"shards    {s['shards_done']}/{s['shards_total']} done",
         f"images    {s['images_done']}/{s['images_planned']} labelled: {s['images_ok']} ok, {s['images_failed']} failed",
     ]
@@ -486,6 +527,19 @@ def format_status(s: dict) -> str:
             lines.append(f"  {name:<{width}}  {n:>8}  ({s['selected_per_class'].get(name, 0)} in label maps)")
         if len(s["masks_per_class"]) > 20:
             lines.append(f"  ... {len(s['masks_per_class']) - 20} more classes")
+    failed = s.get("failed_images") or []
+    if failed:
+        more = s["images_failed"] - len(failed)
+        lines.append(f"failed    first {len(failed)} of {s['images_failed']} (all: the `error` column of images/; "
+                     "`fmbseg label ... --retry-failed` retries them):")
+        for r in failed:
+            lines.append(f"  {r['path'] or r['image_id']}: {r['error']}")
+        if more > 0:
+            lines.append(f"  ... {more} more")
+    outputs = s.get("outputs") or {}
+    for kind in ("checkpoints", "reports"):
+        if outputs.get(kind):
+            lines.append(f"{kind:<9} " + ", ".join(outputs[kind]))
     for p in s.get("problems", []):
         lines.append(f"problem   {p}")
     if s.get("problems"):

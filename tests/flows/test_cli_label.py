@@ -77,6 +77,24 @@ def test_status_and_rerun_exit_zero(world, single, capsys):
     assert "shards    4/4 done" in out and "7/7 labelled: 7 ok, 0 failed" in out and "in label maps" in out
 
 
+def test_status_lists_checkpoints_and_reports(world, single, tmp_path, capsys):
+    import shutil
+
+    camp = tmp_path / "camp"
+    shutil.copytree(single, camp)
+    (camp / "train" / "abc123").mkdir(parents=True)
+    (camp / "train" / "abc123" / "model.pt").write_bytes(b"x")
+    (camp / "train" / "unfinished").mkdir()                      # no model.pt: not listed
+    (camp / "eval" / "abc123").mkdir(parents=True)
+    (camp / "eval" / "abc123" / "results.md").write_text("| |")
+    (camp / "stats").mkdir()
+    (camp / "stats" / "stats.md").write_text("#")
+    assert main(["status", "--campaign", str(camp)]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoints train/abc123/model.pt\n" in out
+    assert "reports   eval/abc123/results.md, stats/stats.md\n" in out
+
+
 @pytest.mark.parametrize(
     "mutate,needle",
     [

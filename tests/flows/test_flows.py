@@ -180,3 +180,22 @@ def test_pipeline_ranks_split_labeling_and_rank0_trains(kit, prefect_api, small_
     assert Path(r0["checkpoint"]).is_file()
     assert len(count_stage1) == 12  # every image labeled exactly once across the ranks
     assert kit.sorted_masks(campaign).equals(kit.sorted_masks(reference_campaign))
+
+
+def test_shard_log_line_names_images_failures_masks_and_time():
+    """Per-shard task logs say what the shard did, not only "Finished in state Completed()"."""
+    from flows.label_flow import log_shard_result
+
+    lines = []
+
+    class Logger:
+        def info(self, fmt, *args):
+            lines.append(fmt % args)
+
+    log_shard_result(Logger(), {"shard_id": 7, "images": 10, "ok": 8, "failed": 2, "masks": 31, "seconds": 4.0,
+                                "skipped": False, "failure_reasons": {"not an image": 1, "truncated": 1}})
+    log_shard_result(Logger(), {"shard_id": 8, "images": 5, "ok": 5, "failed": 0, "masks": 9, "seconds": 0.0,
+                                "skipped": True})
+    assert lines == ["shard 000007 labelled: 10 images (8 ok, 2 failed: not an image x1, truncated x1), 31 masks, "
+                     "4.0 s (2.50 images/s)",
+                     "shard 000008 already done: 5 images (5 ok, 0 failed), 9 masks; skipped"]

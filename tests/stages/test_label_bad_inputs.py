@@ -128,6 +128,12 @@ def test_status_reports_failure_reasons(corpus, capsys):
     out = capsys.readouterr().out
     print(out)
     assert "9 ok, 7 failed" in out and "not an image x2" in out and "shards    4/4 done" in out
+    # The failed files themselves, each with its reason (all 7 fit under the limit of 10).
+    rows = [r for r in CampaignReader(base / "camp").images().to_pylist() if r["status"] == "failed"]
+    assert "failed    first 7 of 7" in out
+    for r in rows:
+        assert f"  {r['path']}: {r['error']}" in out
+    assert "checkpoints" not in out  # nothing trained from this campaign yet
 
 
 @pytest.mark.parametrize("pipeline", [False, True], ids=["serial", "pipelined"])
