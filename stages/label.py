@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -133,7 +134,10 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
     root = CampaignRoot(cfg.campaign)
     old = read_manifest(root)
     if old is not None:
-        diff = differing_fields(old, manifest)
+        # Compare what the stored config means (fields it predates read as they were labelled), so an old campaign
+        # can be extended with the settings it was labelled with.
+        diff = differing_fields(dataclasses.replace(old, stage1=stage1_config_from_manifest(old).to_dict()),
+                                manifest)
         moved = (old.inputs.get("images") != manifest.inputs["images"]
                  or old.inputs.get("image_root") != manifest.inputs["image_root"])
         if (diff or moved) and cfg.overwrite:
@@ -156,6 +160,8 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
             )
         elif old.inputs.get("root") is None:
             manifest.inputs["root"] = None  # planned before relative paths: its lists hold absolute paths
+        if old is not None:
+            manifest.stage1 = old.stage1  # the same meaning: keep the stored dict, and so the campaign's hash
     if old is None or old.to_json() != manifest.to_json():
         write_manifest(root, manifest)
     try:
