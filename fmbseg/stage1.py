@@ -52,8 +52,8 @@ class Stage1Config:
     max_area_frac: float = 0.95
     stage12_fraction: float = 0.75
     templates: tuple[str, ...] = ("a photo of a {}.",)
-    # Dense CLIP path (DESIGN §3): maskclip | clearclip | sclip. Recorded by `to_dict` only when not the default,
-    # so campaigns labelled before this option existed keep their Stage-1 hash.
+    # Dense CLIP path (DESIGN §3): maskclip | clearclip | sclip. A campaign.json written before this field existed
+    # reads it as maskclip (the only path then; `from_stored`).
     dense_mode: str = "maskclip"
     # Stage 1.1: which SAM decoder outputs a class's point set may pick from (highest predicted IoU wins): `all4`
     # (the single-mask token 0, which SAM trains for unambiguous multi-point prompts, and the 3 multimask tokens),
