@@ -38,8 +38,10 @@ from fmbseg.stage1 import Stage1Config  # noqa: E402
 
 META = torch.device("meta")
 # The first-layer image-side projections every prompt recomputes (identical for all prompts of an image).
-PROMPT_INDEPENDENT = ("transformer.layers.0.cross_attn_token_to_image.k_proj",
-                      "transformer.layers.0.cross_attn_token_to_image.v_proj")
+# Module-name suffixes (the counter names modules from the outermost one called: `mask_decoder.transformer...` or
+# `TwoWayTransformer...` depending on the entry point).
+PROMPT_INDEPENDENT = ("layers.0.cross_attn_token_to_image.k_proj",
+                      "layers.0.cross_attn_token_to_image.v_proj")
 
 
 def _count(fn) -> tuple[int, dict[str, int]]:

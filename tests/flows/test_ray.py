@@ -57,7 +57,7 @@ def ray_cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+                                env={**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONPATH": _pythonpath()})
     try:
         deadline = time.monotonic() + 120
         while not _gcs_up(port):
@@ -71,6 +71,13 @@ def ray_cluster():
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = saved_mode
+
+
+def _pythonpath() -> str:
+    """The repository root first on the workers' path: they import `tests.flows.ray_hooks` (the package code is
+    installed, the tests are not)."""
+    repo = str(Path(__file__).resolve().parents[2])
+    return os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def hooks(hook_dir: Path, mode: str = "log") -> dict:

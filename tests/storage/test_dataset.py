@@ -43,10 +43,16 @@ def test_items_equal_the_campaign(campaign):
         ds[len(ds)]
 
 
+def to_chw(image, label):
+    return torch.from_numpy(image).permute(2, 0, 1), label
+
+
 def test_dataloader_with_workers_gives_the_same_items(campaign):
-    ds = CampaignDataset(campaign, transform=lambda im, lab: (torch.from_numpy(im).permute(2, 0, 1), lab))
+    ds = CampaignDataset(campaign, transform=to_chw)
     ds[0]  # open handles in the parent first: workers must not reuse them
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    # Spawned workers get the dataset by pickling (handles dropped, reopened per worker). Not forked: by the time
+    # this runs, the test process has run Prefect and Ray clients whose threads make a fork of it unsafe.
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
     got = list(loader)
     assert len(got) == len(ds)
     for i, (image, label) in enumerate(got):
