@@ -17,16 +17,14 @@ import tempfile
 import fsspec
 import torch
 
+from fmbseg.files import is_url, read_bytes
+
 class CheckpointError(ValueError):
     """A checkpoint file that exists but cannot be read back (truncated, corrupt, or not a PyTorch file). The
     message names the file and what to do; the command line reports it as a failure (exit 1), not a usage error."""
 
 
 REQUIRED_KEYS = ("model", "config", "vocabulary", "encoders", "temperature", "version", "epoch")
-
-
-def _is_url(path: str) -> bool:
-    return "://" in str(path)
 
 
 def save_checkpoint(path: str, payload: dict) -> None:
@@ -37,7 +35,7 @@ def save_checkpoint(path: str, payload: dict) -> None:
         raise ValueError(f"checkpoint payload lacks {missing}")
     buf = io.BytesIO()
     torch.save(payload, buf)
-    if _is_url(path):
+    if is_url(path):
         fs, p = fsspec.core.url_to_fs(path)
         fs.pipe_file(p, buf.getvalue())
         return
@@ -66,17 +64,12 @@ def load_checkpoint(path: str) -> dict:
     """Load on CPU with `weights_only=True`. Errors: FileNotFoundError (no file), `CheckpointError` (a truncated
     or corrupt file: torch raises RuntimeError, OSError `[Errno 22]`, EOFError or UnpicklingError for those),
     ValueError (a readable file that is not an fmbseg Stage-2 checkpoint)."""
-    if not _is_url(path) and os.path.isdir(path):
+    if not is_url(path) and os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path} is a directory; give the model.pt file inside it")
     if not checkpoint_exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        if _is_url(path):
-            with fsspec.open(path, "rb") as f:
-                data = f.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
+        data = read_bytes(path)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
     try:
@@ -93,7 +86,7 @@ def load_checkpoint(path: str) -> dict:
 
 
 def checkpoint_exists(path: str) -> bool:
-    if _is_url(path):
+    if is_url(path):
         fs, p = fsspec.core.url_to_fs(path)
         return fs.isfile(p)
     return os.path.isfile(path)

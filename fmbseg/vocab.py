@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from fmbseg.files import read_bytes
 from fmbseg.suggest import close_names, did_you_mean
 
 
@@ -114,14 +115,7 @@ def _vocab_from_json(doc, path: str) -> Vocabulary:
 def read_vocab_file(path: str) -> Vocabulary:
     """A vocabulary file (text lines, COCO JSON or JSON list; UTF-8, BOM skipped), local or an fsspec URL."""
     try:
-        if "://" in path:
-            import fsspec
-
-            with fsspec.open(path, "rb") as f:
-                data = f.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
+        data = read_bytes(path)
     except OSError as e:
         raise VocabularyError(f"cannot read vocabulary file {path}: {e.strerror or e}") from None
     try:

@@ -136,28 +136,24 @@ class LabelGroup:
         return np.asarray(self.array[i, :h, :w], dtype=np.uint16)
 
 
+def _label_group(group: zarr.Group) -> LabelGroup:
+    image_ids = list(group.attrs["image_ids"])
+    hw = np.asarray(group["hw"][:], np.int32).reshape(-1, 2)
+    return LabelGroup(image_ids, hw, group["label"])
+
+
 def label_group_from_files(files: dict[str, bytes]) -> LabelGroup:
     """A group from its files held in memory (group-relative key -> bytes), e.g. after checking their hashes."""
     proto = zarr.core.buffer.default_buffer_prototype()
     store = zarr.storage.MemoryStore({k: proto.buffer.from_bytes(v) for k, v in files.items()}, read_only=True)
-    group = zarr.open_group(store=store, mode="r")
-    image_ids = list(group.attrs["image_ids"])
-    hw = np.asarray(group["hw"][:], np.int32).reshape(-1, 2)
-    return LabelGroup(image_ids, hw, group["label"])
+    return _label_group(zarr.open_group(store=store, mode="r"))
 
 
 def open_label_group(root: CampaignRoot, shard_id: int) -> LabelGroup:
     base = labels_group_path(shard_id)
     if not root.exists(f"{base}/zarr.json"):
         raise FileNotFoundError(f"{root.full_url(base)} has no Zarr group")
-    if root.is_local:
-        store = zarr.storage.LocalStore(root.full(base), read_only=True)
-    else:
+    if not root.is_local:
         # Object stores: one group is one shard, small once compressed; read it whole into memory.
-        files = {k: root.read_bytes(f"{base}/{k}") for k in root.find(base)}
-        proto = zarr.core.buffer.default_buffer_prototype()
-        store = zarr.storage.MemoryStore({k: proto.buffer.from_bytes(v) for k, v in files.items()}, read_only=True)
-    group = zarr.open_group(store=store, mode="r")
-    image_ids = list(group.attrs["image_ids"])
-    hw = np.asarray(group["hw"][:], np.int32).reshape(-1, 2)
-    return LabelGroup(image_ids, hw, group["label"])
+        return label_group_from_files({k: root.read_bytes(f"{base}/{k}") for k in root.find(base)})
+    return _label_group(zarr.open_group(store=zarr.storage.LocalStore(root.full(base), read_only=True), mode="r"))
