@@ -273,21 +273,23 @@ class _FakeHub:
                     self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
                 self.end_headers()
 
-            def do_HEAD(self):
+            def _found(self):
+                """The requested file, or None after answering 404."""
                 found = self._lookup()
                 if found is None:
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
-                    return
-                self._head(*found)
+                return found
+
+            def do_HEAD(self):
+                found = self._found()
+                if found is not None:
+                    self._head(*found)
 
             def do_GET(self):
-                found = self._lookup()
+                found = self._found()
                 if found is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
                     return
                 payload, etag = found
                 rng = self.headers.get("Range")
