@@ -28,7 +28,7 @@ import fmbseg
 from fmbseg.images import ImageDecodeError, load_image
 from fmbseg.vocab import Vocabulary, parse_vocab
 from stages import models_cache
-from stages.label_pipeline import ExecutionConfig, ShardRows, label_entries
+from stages.label_pipeline import ExecutionConfig, ShardRows, failure_row, label_entries
 from storage import faults
 from storage.campaign import CampaignManifest, differing_fields, read_manifest, write_manifest
 from storage.fs import CampaignRoot
@@ -184,11 +184,6 @@ def shards_for_rank(shard_ids: list[int], rank: int, world_size: int) -> list[in
 
 
 # -- one shard --------------------------------------------------------------------------------------------------
-def _failure(entry, reason: str, kind: str, hw: tuple[int, int] | None) -> dict:
-    return {"image_id": entry.image_id, "path": entry.path, "status": "failed", "error": reason,
-            "height": hw[0] if hw else None, "width": hw[1] if hw else None, "n_masks": 0, "_kind": kind}
-
-
 def _refuse_outside_root(entries, manifest: CampaignManifest) -> dict[str, dict]:
     """image_id -> the `failed` row of every entry whose path leaves the campaign's image root."""
     inputs = manifest.inputs
@@ -203,8 +198,8 @@ def _refuse_outside_root(entries, manifest: CampaignManifest) -> dict[str, dict]
     for e in entries:
         why = outside_root(e.path, base)
         if why:
-            out[e.image_id] = _failure(e, f"refused: {why} ({base}); relabel with --allow-outside-root to read it",
-                                       "outside image root", None)
+            out[e.image_id] = failure_row(e, f"refused: {why} ({base}); relabel with --allow-outside-root to read it",
+                                          "outside image root", None)
     return out
 
 

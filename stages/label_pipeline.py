@@ -100,6 +100,12 @@ def _encode_in_chunks(masks: Sequence, hw: tuple[int, int]) -> EncodedMasks:
                         np.concatenate([p.bbox for p in parts]))
 
 
+def failure_row(entry, reason: str, kind: str, hw: tuple[int, int] | None) -> dict:
+    """The `images` row of a failed image (`_kind`: the failure kind the shard's marker counts, popped at commit)."""
+    return {"image_id": entry.image_id, "path": entry.path, "status": "failed", "error": reason,
+            "height": hw[0] if hw else None, "width": hw[1] if hw else None, "n_masks": 0, "_kind": kind}
+
+
 class ShardRows:
     """The rows of one shard as they accumulate: `rows` (images table), `cols` (masks table), `labels`."""
 
@@ -144,9 +150,7 @@ class ShardRows:
         self.n_masks += n
 
     def add_failure(self, entry, reason: str, kind: str, hw: tuple[int, int] | None) -> None:
-        self.rows.append({"image_id": entry.image_id, "path": entry.path, "status": "failed", "error": reason,
-                          "height": hw[0] if hw else None, "width": hw[1] if hw else None, "n_masks": 0,
-                          "_kind": kind})
+        self.rows.append(failure_row(entry, reason, kind, hw))
         self.n_failed += 1
 
 
