@@ -17,6 +17,7 @@ from pathlib import Path
 
 from flows.cli import UsageError
 from flows.gpu import GPU_TAG
+from flows.server import prefect_command
 
 DEFAULT_POOL = "fmbseg"
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
 
 
 def _prefect(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(prefect_command(*args), cwd=REPO, capture_output=True, text=True)
     if check and res.returncode != 0:
         last = ((res.stderr or res.stdout).strip().splitlines() or [""])[-1]
         raise RuntimeError(f"`prefect {' '.join(args)}` failed (exit {res.returncode}): {last}")
