@@ -13,14 +13,20 @@ reports in `out` once all are back.
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
+from annotated_types import Ge
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.gpu import GPU_TAG
 from flows.artifacts import artifact_key, publish_markdown
 from flows.label_flow import retry_unless_permanent
-from flows.ray_runner import check_runner, default_gpus_per_shard, ray_task_runner, shard_remote_options, worker_info
+from flows.ray_runner import (Runner, check_runner, default_gpus_per_shard, ray_task_runner, shard_remote_options,
+                              worker_info)
+from fmbseg.datasets import DatasetName
+from fmbseg.presets import PresetName
+from fmbseg.stage1 import Stage1Overrides
 from stages.evaluate import evaluate, evaluate_one, merge_evaluations, report_key, resolve_models
 
 
@@ -73,24 +79,40 @@ def _as_list(v: str | list[str]) -> list[str]:
 
 
 @flow(name="evaluate")
-def evaluate_flow(dataset: str | list[str], data_root: str | list[str], out: str, models: str | list[str] = "all",
-                  checkpoint: str | None = None, preset: str | None = None, device: str = "auto",
-                  stage1: dict | None = None, runner: str = "local", ray_address: str | None = None,
-                  gpus_per_task: float | None = None, cpus_per_task: float = 1.0,
-                  ray_init_kwargs: dict | None = None) -> dict:
-    """Evaluate `models` (comma-separated names, a list, or `all`) on `dataset` (a DESIGN §2 benchmark name,
-    `custom` for a folder) read from `data_root` (or on several: lists of names and of roots, paired);
-    `checkpoint` is the alignment checkpoint the `fmbseg` segmenter needs; `preset` names the CLIP/SAM of the
-    other segmenters (default: the checkpoint's). `runner="ray"`: one Ray task per (benchmark, segmenter), each
-    asking for `gpus_per_task` GPUs (default: 1 when the cluster has GPUs) and `cpus_per_task` CPUs on the
-    cluster at `ray_address` (see flows/ray_runner.py).
-    Returns the per-model results (one benchmark) or `{report key: per-model results}` (several); the
-    evaluation table is published as a markdown artifact."""
+def evaluate_flow(dataset: DatasetName | list[DatasetName], data_root: str | list[str], out: str,
+                  models: str | list[str] = "all", checkpoint: str | None = None, preset: PresetName | None = None,
+                  device: str = "auto", stage1: Stage1Overrides | None = None, runner: Runner = "local",
+                  ray_address: str | None = None, gpus_per_task: Annotated[float, Ge(0)] | None = None,
+                  cpus_per_task: Annotated[float, Ge(0)] = 1.0, ray_init_kwargs: dict | None = None) -> dict:
+    """Evaluate segmenters on one benchmark (or several) with the TCL protocol (DESIGN §2).
+
+    Reports (results.json, results.md, a per-class IoU figure) are merged into `out`, so several runs accumulate
+    one models x datasets table, published as a markdown artifact. Returns the per-model results (one benchmark)
+    or `{report key: per-model results}` (several).
+
+    Args:
+        dataset: Benchmark name (custom: a folder with images/, annotations/<stem>.png and classes.txt), or a
+            list of names paired with a list of data roots.
+        data_root: The benchmark's folder (or a list, one per dataset).
+        out: Report folder; several runs into one folder accumulate.
+        models: Segmenters: comma-separated names (maskclip, stage1.1, stage1.2, stage1, fmbseg), a list, or all
+            (fmbseg only with a checkpoint).
+        checkpoint: Alignment checkpoint (model.pt) the fmbseg segmenter needs.
+        preset: CLIP/SAM preset of the maskclip and stage1* segmenters (default: the checkpoint's, else base).
+        device: auto, cpu or cuda[:N].
+        stage1: Stage-1 settings of the stage1* segmenters to change; empty fields keep the preset's value.
+        runner: local (here) or ray (one Ray task per benchmark and segmenter).
+        ray_address: With runner ray: empty starts a local Ray instance, auto joins the running cluster, or an
+            address.
+        gpus_per_task: With runner ray: GPUs per task (empty: 1 when the cluster has GPUs, else 0).
+        cpus_per_task: With runner ray: CPUs per task.
+        ray_init_kwargs: With runner ray: more `ray.init` arguments, e.g. a runtime_env.
+    """
     check_runner(runner)
     datasets, roots = _as_list(dataset), _as_list(data_root)
     if len(datasets) != len(roots) or not datasets:
         raise ValueError(f"give one data_root per dataset: {len(datasets)} datasets, {len(roots)} data roots")
-    stage1 = dict(stage1 or {})
+    stage1 = Stage1Overrides.dict_of(stage1)
     per_dataset: dict[str, dict] = {}
     if runner == "ray":
         names = resolve_models(models, checkpoint)

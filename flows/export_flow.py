@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.artifacts import artifact_key, markdown_table, publish_markdown
 from flows.label_flow import retry_unless_permanent
 from stages.export import run_export
+from storage.export import ExportFormat
 from stages.show import show_campaign
 
 THUMB_WIDTH = 640  # px: gallery pictures are embedded in the artifact as JPEG data URIs, kept small
@@ -42,10 +43,22 @@ def export_task(campaign: str, fmt: str, out: str, selected_only: bool, copy: bo
 
 
 @flow(name="export-campaign")
-def export_campaign_flow(campaign: str, format: str = "coco", out: str | None = None, selected_only: bool = False,
-                         copy: bool = False, push_to_hub: str | None = None) -> dict:
-    """Export the committed shards of `campaign` as `format` (coco, png or hf) into the local folder `out`
-    (default `<campaign>/export/<format>`); see `fmbseg export --help`. Publishes a one-row summary artifact."""
+def export_campaign_flow(campaign: str, format: ExportFormat = "coco", out: str | None = None,
+                         selected_only: bool = False, copy: bool = False, push_to_hub: str | None = None) -> dict:
+    """Export the committed shards of a campaign (see `fmbseg export --help`); publishes a one-row summary artifact.
+
+    Resumable: a rerun exports only the shards committed since, then rebuilds the whole-campaign files.
+
+    Args:
+        campaign: Campaign directory (local path or fsspec URL).
+        format: coco (OUT/annotations.json, RLE masks), png (mmseg/HF PNG folders: img_dir, ann_dir, classes.txt)
+            or hf (a `datasets` dataset saved with save_to_disk).
+        out: Local output folder, one export per folder (default: <campaign>/export/<format>).
+        selected_only: Only the masks that made the merged label maps (coco annotations, hf objects).
+        copy: With format png: copy the images into img_dir (default: symlinks).
+        push_to_hub: With format hf: also upload the dataset to this Hugging Face Hub repository (needs network
+            access and a Hub token).
+    """
     out = out or default_export_out(campaign, format)
     summary = export_task(campaign, format, out, selected_only, copy, push_to_hub)
     row = {k: summary[k] for k in ("format", "out", "shards", "shards_exported", "images", "masks", "images_per_s")}

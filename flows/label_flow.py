@@ -25,7 +25,9 @@ import json
 import os
 import posixpath
 import time
-from typing import Any
+from typing import Annotated, Any
+
+from annotated_types import Ge
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -33,10 +35,12 @@ from prefect.tasks import exponential_backoff
 
 from flows.gpu import GPU_TAG
 from flows.artifacts import ShardProgress, artifact_key, publish_label_summary, summarize_label_results
-from flows.ray_runner import (check_runner, default_gpus_per_shard, ray_task_runner, shard_remote_options,
+from flows.ray_runner import (Runner, check_runner, default_gpus_per_shard, ray_task_runner, shard_remote_options,
                               worker_info)
+from fmbseg.presets import PresetName
+from fmbseg.stage1 import Stage1Overrides
 from stages import models_cache
-from stages.label import LabelConfig, label_shard, plan_campaign, shards_for_rank
+from stages.label import LabelConfig, build_stage1_config, label_shard, plan_campaign, shards_for_rank
 from storage.campaign import read_manifest
 from storage.fs import CampaignRoot
 from storage.layout import DONE_DIR, done_path, parse_shard_file
@@ -60,14 +64,17 @@ def label_config(
     seed: int = 0,
     device: str = "auto",
     image_root: str | None = None,
-    stage1: dict | None = None,
+    stage1: Stage1Overrides | dict | None = None,
     overwrite: bool = False,
     allow_outside_root: bool = False,
 ) -> dict:
-    """The `stages.label.LabelConfig` fields as a plain dict (what tasks receive); validated by building it."""
+    """The `stages.label.LabelConfig` fields as a plain dict (what tasks receive). The Stage-1 overrides are
+    validated on top of the preset's (`build_stage1_config`), so a bad setting fails here, before any work."""
+    overrides = Stage1Overrides.dict_of(stage1)
+    build_stage1_config(preset, overrides)
     cfg = LabelConfig(
         images=images, vocab=vocab, campaign=campaign, preset=preset, shard_size=shard_size, seed=seed,
-        device=device, image_root=image_root, stage1=dict(stage1 or {}), overwrite=overwrite,
+        device=device, image_root=image_root, stage1=overrides, overwrite=overwrite,
         allow_outside_root=allow_outside_root,
     )
     return dataclasses.asdict(cfg)
@@ -181,39 +188,61 @@ def label_campaign(
     images: str,
     vocab: str,
     campaign: str,
-    preset: str = "base",
-    shard_size: int = 256,
-    seed: int = 0,
+    preset: PresetName = "base",
+    shard_size: Annotated[int, Ge(1)] = 256,
+    seed: Annotated[int, Ge(0)] = 0,
     device: str = "auto",
     image_root: str | None = None,
-    stage1: dict | None = None,
+    stage1: Stage1Overrides | None = None,
     overwrite: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: Annotated[int, Ge(0)] = 0,
+    world_size: Annotated[int, Ge(1)] = 1,
     retry_failed: bool = False,
-    shard_retries: int = 3,
-    retry_delay_seconds: float = 10.0,
-    runner: str = "local",
+    shard_retries: Annotated[int, Ge(0)] = 3,
+    retry_delay_seconds: Annotated[float, Ge(0)] = 10.0,
+    runner: Runner = "local",
     ray_address: str | None = None,
-    gpus_per_shard: float | None = None,
-    cpus_per_shard: float = 1.0,
+    gpus_per_shard: Annotated[float, Ge(0)] | None = None,
+    cpus_per_shard: Annotated[float, Ge(0)] = 1.0,
     ray_init_kwargs: dict | None = None,
     allow_outside_root: bool = False,
 ) -> dict:
-    """Label every shard of this rank's share of the campaign at `campaign` (local path or fsspec URL).
+    """Label every shard of this rank's share of the campaign (Stage 1: CLIP + SAM pseudo-labels).
 
-    `runner`: "local" (shards one after another here) or "ray" (every not-yet-done shard a task on Ray, placed
-    wherever `gpus_per_shard` GPUs (default: 1 when the cluster has GPUs, else 0) and `cpus_per_shard` CPUs are
-    free; `ray_address`: None starts a local Ray instance, "auto" joins the running cluster, or an address;
-    `ray_init_kwargs`: more `ray.init` arguments, e.g. a `runtime_env`). With "ray", rank/world_size must stay
-    0/1: Ray spreads the shards itself.
+    Shards that fail after `shard_retries` retries do not stop the others; the flow fails at the end naming them,
+    and a rerun labels just those (done shards are skipped). Returns the run summary (see
+    `flows.artifacts.summarize_label_results`) with `shard_ids`, `labeled`, `skipped` and `failed` shard lists.
 
-    `images` is a folder or a COCO JSON (`image_root` for its files), `vocab` a comma list, a file or a built-in
-    name, `stage1` overrides Stage-1 settings. Shards that fail after `shard_retries` retries (delays
-    `retry_delay_seconds` x 1, 2, 4, ...) do not stop the others; the flow fails at the end naming them, and a
-    rerun labels just those. `allow_outside_root`: read COCO file names that leave the image root. Returns the run
-    summary (see `flows.artifacts.summarize_label_results`) with
-    `shard_ids`, `labeled`, `skipped` and `failed` shard lists."""
+    Args:
+        images: Folder of images (searched recursively) or a COCO JSON file; local path or fsspec URL.
+        vocab: Class names: comma-separated names, a vocabulary file (`name: synonym, synonym` lines) or a
+            built-in vocabulary name.
+        campaign: Campaign directory (local path or fsspec URL such as s3://bucket/campaign).
+        preset: Model preset: paper (CLIP ViT-L/14, SAM ViT-H, DINOv2 ViT-L/14), base (ViT-B models), tiny
+            (random toy models) or oracle (synthetic-world stand-ins).
+        shard_size: Images per new shard (the unit of work, retry and resume).
+        seed: Campaign seed: the seeded draw of the Stage-1.2 masks (part of the config hash).
+        device: auto, cpu or cuda[:N].
+        image_root: Folder the COCO JSON's file names are relative to (default: the JSON's own folder).
+        stage1: Stage-1 settings to change (every field has its description and bounds); empty fields keep the
+            preset's value. Part of the campaign's config hash.
+        overwrite: Accept a changed Stage-1 config or input folder: the campaign's Stage-1 outputs are removed and
+            it is labelled afresh.
+        rank: This worker's index, 0..world_size-1 (labels the shards with shard_id % world_size == rank).
+        world_size: Number of workers (flow runs) sharing the campaign with the local runner.
+        retry_failed: Relabel done shards that have failed images.
+        shard_retries: Prefect retries of a shard that raised.
+        retry_delay_seconds: Delay before the first retry; doubles with each retry.
+        runner: local (shards one after another in this flow run) or ray (every not-yet-done shard a task on a
+            Ray cluster; keep rank=0 and world_size=1, Ray spreads the shards itself).
+        ray_address: With runner ray: empty starts a local Ray instance, auto joins the cluster running on this
+            machine, or HOST:PORT / ray://HOST:10001.
+        gpus_per_shard: With runner ray: GPUs each shard task asks for (empty: 1 when the cluster has GPUs, else
+            0; 0.5 runs two shards per GPU).
+        cpus_per_shard: With runner ray: CPUs each shard task asks for.
+        ray_init_kwargs: With runner ray: more `ray.init` arguments, e.g. a runtime_env.
+        allow_outside_root: Read COCO file names that leave the image root (../, absolute paths, symlinks out).
+    """
     logger = get_run_logger()
     check_runner(runner)
     if world_size < 1 or not 0 <= rank < world_size:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 import posixpath
 import time
+from typing import Annotated
 
+from annotated_types import Ge, Gt
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -27,9 +29,14 @@ from flows.evaluate_flow import evaluate_flow
 from flows.export_flow import publish_pseudo_label_sample
 from flows.stats_flow import campaign_stats_flow
 from flows.label_flow import label_campaign
-from flows.train_flow import train_alignment_flow
+from flows.ray_runner import Runner
+from flows.train_flow import train_alignment_flow, train_config
+from fmbseg.datasets import DatasetName
+from fmbseg.presets import PresetName
+from fmbseg.stage1 import Stage1Overrides
 from stages.label import campaign_status
 from stages.predict import predict_folder
+from stages.train import TrainOverrides
 
 
 @task(name="synthetic-world", cache_policy=NO_CACHE)
@@ -71,48 +78,84 @@ def fmbseg_pipeline(
     images: str | None = None,
     vocab: str | None = None,
     campaign: str | None = None,
-    preset: str = "base",
-    shard_size: int = 256,
-    seed: int = 0,
+    preset: PresetName = "base",
+    shard_size: Annotated[int, Ge(1)] = 256,
+    seed: Annotated[int, Ge(0)] = 0,
     device: str = "auto",
     image_root: str | None = None,
-    stage1: dict | None = None,
+    stage1: Stage1Overrides | None = None,
     overwrite: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: Annotated[int, Ge(0)] = 0,
+    world_size: Annotated[int, Ge(1)] = 1,
     retry_failed: bool = False,
-    train: dict | None = None,
+    train: TrainOverrides | None = None,
     train_out: str | None = None,
-    eval_dataset: str | None = None,
+    eval_dataset: DatasetName | None = None,
     eval_data_root: str | None = None,
     eval_models: str | list[str] = "maskclip,fmbseg",
     eval_out: str | None = None,
     overlay_images: str | None = None,
     overlay_out: str | None = None,
     demo_root: str | None = None,
-    demo_train_images: int = 40,
-    demo_eval_images: int = 8,
-    wait_timeout_s: float = 7 * 24 * 3600.0,
-    runner: str = "local",
+    demo_train_images: Annotated[int, Ge(1)] = 40,
+    demo_eval_images: Annotated[int, Ge(1)] = 8,
+    wait_timeout_s: Annotated[float, Gt(0)] = 7 * 24 * 3600.0,
+    runner: Runner = "local",
     ray_address: str | None = None,
-    gpus_per_shard: float | None = None,
-    cpus_per_shard: float = 1.0,
+    gpus_per_shard: Annotated[float, Ge(0)] | None = None,
+    cpus_per_shard: Annotated[float, Ge(0)] = 1.0,
     ray_init_kwargs: dict | None = None,
-    shard_retries: int = 3,
-    retry_delay_seconds: float = 10.0,
+    shard_retries: Annotated[int, Ge(0)] = 3,
+    retry_delay_seconds: Annotated[float, Ge(0)] = 10.0,
     allow_outside_root: bool = False,
 ) -> dict:
     """Label `images` into `campaign`, train the alignment module on it, evaluate it on `eval_dataset`
-    (skipped when None) and draw overlays on `overlay_images` (skipped when None).
+    (skipped when empty) and draw overlays on `overlay_images` (skipped when empty).
 
-    Label parameters are those of `label-campaign`; `train` overrides training settings (`train-alignment`);
-    `eval_*` are those of `evaluate` (`eval_out` defaults to `<campaign>/eval/<training hash>`). With `demo_root`
-    set, the inputs are a synthetic world written there (`demo_train_images` + a disjoint `demo_eval_images`),
-    outputs go under it, and evaluation and overlays run on the evaluation world. `runner`, `ray_address`,
-    `gpus_per_shard`, `cpus_per_shard`, `ray_init_kwargs`, `shard_retries`, `retry_delay_seconds`,
-    `allow_outside_root`: as in `label-campaign`; with `runner="ray"` the
-    evaluation also runs on Ray, one task per segmenter (training stays in this flow run's process).
-    Returns the paths and summaries of every stage."""
+    With `runner="ray"` the evaluation also runs on Ray, one task per segmenter (training stays in this flow run's
+    process). Returns the paths and summaries of every stage.
+
+    Args:
+        images: Folder of images (searched recursively) or a COCO JSON file; local path or fsspec URL. Needed
+            unless demo_root is set.
+        vocab: Class names: comma-separated names, a vocabulary file or a built-in vocabulary name. Needed unless
+            demo_root is set.
+        campaign: Campaign directory (local path or fsspec URL). Needed unless demo_root is set.
+        preset: Model preset: paper, base, tiny or oracle (as in label-campaign).
+        shard_size: Images per new shard.
+        seed: Campaign seed (the seeded Stage-1.2 draw).
+        device: auto, cpu or cuda[:N], for every stage.
+        image_root: Folder the COCO JSON's file names are relative to (default: the JSON's own folder).
+        stage1: Stage-1 settings to change; empty fields keep the preset's value (as in label-campaign).
+        overwrite: Accept a changed Stage-1 config or input folder: the campaign is labelled afresh.
+        rank: This worker's index with the local runner; rank 0 also trains and evaluates.
+        world_size: Number of pipeline runs sharing the labeling; rank 0 waits for all shards before training.
+        retry_failed: Relabel done shards that have failed images.
+        train: Training settings to change; empty fields keep their default (as in train-alignment).
+        train_out: Checkpoint path (default: <campaign>/train/<train hash>/model.pt).
+        eval_dataset: Benchmark to evaluate on (empty: no evaluation); custom for a folder with images/,
+            annotations/ and classes.txt.
+        eval_data_root: The benchmark's folder (needed with eval_dataset).
+        eval_models: Segmenters to evaluate: comma-separated names (maskclip, stage1.1, stage1.2, stage1,
+            fmbseg), a list, or all.
+        eval_out: Report folder (default: <campaign>/eval/<train hash>).
+        overlay_images: Images to segment with the trained model and draw overlays of (empty: none).
+        overlay_out: Folder of the overlays (default: an overlays folder beside the checkpoint).
+        demo_root: Synthetic demo: a world written here when missing fills in every input and output path.
+        demo_train_images: Demo: training images of the synthetic world.
+        demo_eval_images: Demo: evaluation images (a disjoint synthetic world).
+        wait_timeout_s: With world_size > 1: how long rank 0 waits for the other ranks' shards.
+        runner: local or ray (labeling and evaluation as Ray tasks), as in label-campaign.
+        ray_address: With runner ray: empty starts a local Ray instance, auto joins the running cluster, or an
+            address.
+        gpus_per_shard: With runner ray: GPUs per shard (and evaluation) task (empty: 1 when the cluster has GPUs).
+        cpus_per_shard: With runner ray: CPUs per shard (and evaluation) task.
+        ray_init_kwargs: With runner ray: more `ray.init` arguments, e.g. a runtime_env.
+        shard_retries: Prefect retries of a shard that raised.
+        retry_delay_seconds: Delay before a shard's first retry; doubles with each retry.
+        allow_outside_root: Read COCO file names that leave the image root.
+    """
+    train_config(train, device)  # a bad training setting fails now, not after labeling
     logger = get_run_logger()
     if demo_root is not None:
         layout = DemoLayout(**demo_world_task(os.path.abspath(os.path.expanduser(demo_root)),

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import Any, Literal
 
 RUNNERS = ("local", "ray")
+Runner = Literal[RUNNERS]
 
 
 def check_runner(runner: str) -> str:

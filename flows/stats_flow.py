@@ -20,7 +20,12 @@ def campaign_stats_task(campaign: str, out: str) -> dict:
 
 @flow(name="campaign-stats")
 def campaign_stats_flow(campaign: str, out: str) -> dict:
-    """Write `stats.md`, `stats.json` and the PNG plots of `campaign` under `out`; publish `stats.md`."""
+    """Label quality without ground truth: write `stats.md`, `stats.json` and PNG plots; publish `stats.md`.
+
+    Args:
+        campaign: Campaign directory (local path or fsspec URL).
+        out: Folder (local path or fsspec URL) the report and plots are written to.
+    """
     summary = campaign_stats_task(campaign, out)
     markdown = CampaignRoot(out).read_bytes("stats.md").decode("utf-8")
     publish_markdown(markdown, key=artifact_key("label-quality", campaign),

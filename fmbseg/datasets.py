@@ -14,7 +14,7 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 from PIL import Image
@@ -25,6 +25,7 @@ from fmbseg.vocab_builtin import BUILTIN_VOCABULARIES
 IGNORE_INDEX = 255
 DATASET_NAMES = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff171", "cityscapes", "ade150",
                  "custom")
+DatasetName = Literal[DATASET_NAMES]
 
 
 class DatasetError(ValueError):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -80,6 +80,10 @@ PRESETS: dict[str, Preset] = {
         oracle=True,
     ),
 }
+
+
+# The preset names as a type (flow parameters, CLI choices), built from the registry above.
+PresetName = Literal[tuple(PRESETS)]
 
 
 def get_preset(name: str) -> Preset:

@@ -10,19 +10,22 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, MinLen
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from fmbseg import IGNORE_LABEL
 from fmbseg.device import synchronize
-from fmbseg.models.base import POINT_OUTPUTS, AutoMaskConfig, ClipModel, SamEmbedding, SamModel
-from fmbseg.models.clip import DENSE_MODES
+from fmbseg.models.base import POINT_OUTPUTS, AutoMaskConfig, ClipModel, Fraction, SamEmbedding, SamModel
+from fmbseg.models.clip import DenseMode
 from fmbseg.models.sliding import SlidingFeatures, sliding_window_features
 from fmbseg.pooling import mask_pool
+from fmbseg.settings import overrides_model
 
 STAGE_11 = "1.1"
 STAGE_12 = "1.2"
@@ -30,93 +33,67 @@ STAGE12_UNDETECTED = ("paper", "drop")
 # What a stored campaign config that predates a field meant (see `Stage1Config.from_stored`).
 _LEGACY_VALUES = {"point_outputs": "multimask", "stage12_undetected": "paper"}
 
+PointOutputs = Literal[POINT_OUTPUTS]
+Stage12Undetected = Literal[STAGE12_UNDETECTED]
+PositiveInt = Annotated[int, Ge(1)]
 
-@dataclass(frozen=True)
-class Stage1Config:
-    """Every Stage-1 threshold (DESIGN §1) with its default. The resolved config is hashed by the campaign."""
 
-    upscale: float = 2.0
-    max_side: int = 2048
-    clip_batch_size: int = 32
-    min_crop_votes: int = 1
-    points_per_class: int = 5
-    points_per_side: int = 32
+def _check_templates(templates: tuple[str, ...]) -> tuple[str, ...]:
+    for t in templates:
+        if t.count("{}") != 1:
+            raise ValueError(f"template {t!r} must be a string with exactly one '{{}}'")
+    return templates
+
+
+def _not_one_string(v: Any) -> Any:
+    if isinstance(v, str):
+        raise ValueError("templates must be a list of strings, not one string")
+    return v
+
+
+Templates = Annotated[tuple[str, ...], BeforeValidator(_not_one_string), MinLen(1), AfterValidator(_check_templates)]
+
+
+class Stage1Config(AutoMaskConfig):
+    """Every Stage-1 setting (DESIGN §1) with its default: the automatic-mask fields of `AutoMaskConfig` and the
+    ones below. `to_dict()` is what campaign.json stores and the campaign's Stage-1 config hash covers."""
+
+    what: ClassVar[str] = "Stage-1 config"
+
+    upscale: Annotated[float, Gt(0)] = Field(
+        2.0, description="Stage 1.1: the image is upscaled by this factor before CLIP's sliding window (capped by "
+        "max_side).")
+    max_side: PositiveInt = Field(
+        2048, description="Stage 1.1: the long side of the upscaled image is at most this many pixels.")
+    clip_batch_size: PositiveInt = Field(
+        32, description="Stage 1.1: CLIP crops per forward pass of the sliding window.")
+    min_crop_votes: PositiveInt = Field(
+        1, description="Stage 1.1: a class is detected when it is the best class of at least this many crops.")
+    points_per_class: PositiveInt = Field(
+        5, description="Stage 1.1: positive point prompts per detected class (its most similar dense CLIP "
+        "patches), one SAM prompt.")
     # Kept (and hashed) so campaigns written before keep their hash; the automatic-mask decode batch is now the SAM
     # adapter's execution setting (`make_sam(points_per_batch=...)`, default by device), which changes no output.
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    min_area_frac: float = 0.0005
-    max_area_frac: float = 0.95
-    stage12_fraction: float = 0.75
-    templates: tuple[str, ...] = ("a photo of a {}.",)
-    # Dense CLIP path (DESIGN §3): maskclip | clearclip | sclip. A campaign.json written before this field existed
-    # reads it as maskclip (the only path then; `from_stored`).
-    dense_mode: str = "maskclip"
-    # Stage 1.1: which SAM decoder outputs a class's point set may pick from (highest predicted IoU wins): `all4`
-    # (the single-mask token 0, which SAM trains for unambiguous multi-point prompts, and the 3 multimask tokens),
-    # `multimask` (tokens 1-3 only; what campaigns labelled before this field used) or `single` (token 0 only).
-    point_outputs: str = "all4"
-    # Stage 1.2, optional deviation from the paper: `paper` gives a 1.2 mask the best *detected* class; `drop`
-    # discards a 1.2 mask whose best class over the whole vocabulary was not detected (an A/B option).
-    stage12_undetected: str = "paper"
-
-    def __post_init__(self):
-        if isinstance(self.templates, str):
-            raise ValueError("templates must be a list of strings, not one string")
-        object.__setattr__(self, "templates", tuple(self.templates))
-        problems = []
-        if isinstance(self.upscale, bool) or not isinstance(self.upscale, (int, float)) or not self.upscale > 0:
-            problems.append(f"upscale must be > 0 (got {self.upscale})")
-        for name in ("max_side", "clip_batch_size", "min_crop_votes", "points_per_class", "points_per_side",
-                     "points_per_batch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                problems.append(f"{name} must be an integer >= 1 (got {v!r})")
-        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "min_area_frac",
-                     "max_area_frac", "stage12_fraction"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                problems.append(f"{name} must be a number in [0, 1] (got {v!r})")
-        if not problems and self.min_area_frac > self.max_area_frac:
-            problems.append(f"min_area_frac {self.min_area_frac} exceeds max_area_frac {self.max_area_frac}")
-        if not self.templates:
-            problems.append("templates must hold at least one template")
-        for t in self.templates:
-            if not isinstance(t, str) or t.count("{}") != 1:
-                problems.append(f"template {t!r} must be a string with exactly one '{{}}'")
-        if self.dense_mode not in DENSE_MODES:
-            problems.append(f"dense_mode must be one of {', '.join(DENSE_MODES)} (got {self.dense_mode!r})")
-        if self.point_outputs not in POINT_OUTPUTS:
-            problems.append(f"point_outputs must be one of {', '.join(POINT_OUTPUTS)} (got {self.point_outputs!r})")
-        if self.stage12_undetected not in STAGE12_UNDETECTED:
-            problems.append(f"stage12_undetected must be one of {', '.join(STAGE12_UNDETECTED)} "
-                            f"(got {self.stage12_undetected!r})")
-        if problems:
-            raise ValueError("invalid Stage-1 config: " + "; ".join(problems))
-        # Canonical types, so {"upscale": 2} and the default 2.0 hash to the same campaign config.
-        for f in fields(self):
-            if f.type == "float":
-                object.__setattr__(self, f.name, float(getattr(self, f.name)))
-            elif f.type == "int":
-                object.__setattr__(self, f.name, int(getattr(self, f.name)))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every field (templates as a list)."""
-        d = asdict(self)
-        d["templates"] = list(self.templates)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Stage1Config":
-        """Fields missing from `d` take their defaults; an unknown key is an error naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown Stage-1 config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+    points_per_batch: PositiveInt = Field(
+        64, description="Recorded for campaigns written before it became the SAM adapter's execution setting; "
+        "changes no output.")
+    stage12_fraction: Fraction = Field(
+        0.75, description="Merge: the fraction of Stage-1.2 masks drawn (seeded per image) into the label map; "
+        "every Stage-1.1 mask is kept.")
+    templates: Templates = Field(
+        ("a photo of a {}.",), description="CLIP text prompts, each with one '{}' for the class name; a class's "
+        "text embedding is the mean over the templates.")
+    # A campaign.json written before this field existed reads it as maskclip (the only path then; `from_stored`).
+    dense_mode: DenseMode = Field(
+        "maskclip", description="Dense CLIP features (DESIGN §3): maskclip (value path), clearclip (q-q attention, "
+        "no residual or FFN in the last block) or sclip (q-q + k-k attention).")
+    point_outputs: PointOutputs = Field(
+        "all4", description="Stage 1.1: which SAM decoder outputs a class's point set may pick from (the highest "
+        "predicted IoU wins): all4 (the single-mask token and the 3 multimask tokens), multimask (tokens 1-3, what "
+        "campaigns labelled before this setting used) or single (token 0).")
+    stage12_undetected: Stage12Undetected = Field(
+        "paper", description="Stage 1.2: paper gives an automatic mask the best detected class; drop discards a "
+        "mask whose best class over the whole vocabulary was not detected (an A/B option, not the paper's).")
 
     @classmethod
     def from_stored(cls, d: dict[str, Any]) -> "Stage1Config":
@@ -126,15 +103,14 @@ class Stage1Config:
         return cls.from_dict({**_LEGACY_VALUES, **d})
 
     def auto_mask_config(self) -> AutoMaskConfig:
-        return AutoMaskConfig(
-            points_per_side=self.points_per_side,
-            pred_iou_thresh=self.pred_iou_thresh,
-            stability_score_thresh=self.stability_score_thresh,
-            stability_score_offset=self.stability_score_offset,
-            box_nms_thresh=self.box_nms_thresh,
-            min_area_frac=self.min_area_frac,
-            max_area_frac=self.max_area_frac,
-        )
+        return AutoMaskConfig(**{name: getattr(self, name) for name in AutoMaskConfig.model_fields})
+
+
+# The `stage1` parameter of the flows and the Stage-1 flags of `fmbseg label`: any subset of the settings, on top of
+# the preset's. `points_per_batch` is left out: it changes no output (only old campaigns record other values).
+Stage1Overrides = overrides_model(
+    Stage1Config, "Stage1Overrides", "Stage-1 settings to change; empty ones keep the preset's value.",
+    hide=("points_per_batch",))
 
 
 @dataclass

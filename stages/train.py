@@ -30,11 +30,13 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable
+from dataclasses import dataclass
+from typing import Annotated, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
+from annotated_types import Ge, Gt, Lt
+from pydantic import Field, Strict
 from tqdm import tqdm
 
 import fmbseg
@@ -44,6 +46,7 @@ from fmbseg.checkpoint import checkpoint_exists, is_finished, load_checkpoint, s
 from fmbseg.device import autocast, resolve_device, synchronize
 from fmbseg.images import load_image
 from fmbseg.losses import tsupcon
+from fmbseg.settings import AsGiven, Settings, overrides_model
 from fmbseg.vocab import Vocabulary
 from stages.features_cache import FeatureCache, encoder_key
 from storage.fs import CampaignRoot, canonical_json, write_file
@@ -93,8 +96,12 @@ def auto_epochs(images: int) -> int:
     return max(AUTO_MIN_EPOCHS, math.ceil(AUTO_MIN_STEPS / steps_per_epoch))
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+Auto = Literal["auto"]
+PositiveInt = Annotated[int, Ge(1)]
+Bool = Annotated[bool, Strict()]  # true or false, not "yes" or 1
+
+
+class TrainConfig(Settings):
     """DESIGN §1 Stage-2 defaults.
 
     `epochs`: an integer or "auto" (`auto_epochs` of the campaign's image count). `train_size`: a multiple of the
@@ -103,62 +110,47 @@ class TrainConfig:
     actually ran: cached features are fp16, so a cached run's weights differ (slightly) from an uncached one's and
     the two never share a checkpoint; an explicit setting equal to what "auto" resolves to shares the hash.
     `procrustes`: after every epoch, turn the output space so the epoch's class centroids point at their text
-    anchors (`fmbseg.alignment.rotate_to_anchors`; TSupCon itself is unchanged, see docs/STAGE2.md)."""
+    anchors (`fmbseg.alignment.rotate_to_anchors`; TSupCon itself is unchanged, see docs/STAGE2.md). Numbers are
+    hashed as given (`AsGiven`: lr 1 and lr 1.0 are different checkpoints, as they always were)."""
 
-    epochs: int | str = "auto"
-    batch_size: int = 5
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    temperature: float = 0.1
-    train_size: int | str = "auto"
-    seed: int = 0
-    cache_features: bool | str = "auto"
-    procrustes: bool = True
-    device: str = "auto"
+    what: ClassVar[str] = "train config"
 
-    def __post_init__(self):
-        problems = []
-        for name in ("epochs", "batch_size", "train_size"):
-            v = getattr(self, name)
-            if name in ("epochs", "train_size") and v == "auto":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                problems.append(f"{name} must be an integer >= 1{'' if name == 'batch_size' else ' or auto'} "
-                                f"(got {v!r})")
-        for name in ("lr", "temperature"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be > 0 (got {getattr(self, name)!r})")
-        if not 0 <= self.momentum < 1:
-            problems.append(f"momentum must be in [0, 1) (got {self.momentum!r})")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0 (got {self.weight_decay!r})")
-        if not isinstance(self.procrustes, bool):
-            problems.append(f"procrustes must be true or false (got {self.procrustes!r})")
-        if self.cache_features not in (True, False, "auto"):
-            problems.append(f"cache_features must be true, false or auto (got {self.cache_features!r})")
-        if problems:
-            raise ValueError("invalid train config: " + "; ".join(problems))
+    epochs: PositiveInt | Auto = Field(
+        "auto", description="Training epochs; auto: 10, or enough epochs for >= 2000 SGD steps at batch 5 on a "
+        "small campaign (the larger of the two).")
+    batch_size: PositiveInt = Field(5, description="Images per SGD step.")
+    lr: AsGiven(Gt(0)) = Field(0.1, description="Initial learning rate (cosine schedule to 0).")
+    momentum: AsGiven(Ge(0), Lt(1)) = Field(0.9, description="SGD momentum.")
+    weight_decay: AsGiven(Ge(0)) = Field(1e-4, description="SGD weight decay.")
+    temperature: AsGiven(Gt(0)) = Field(0.1, description="TSupCon temperature tau.")
+    train_size: PositiveInt | Auto = Field(
+        "auto", description="Training view in px: short side resized, centre-cropped square, a multiple of the "
+        "DINOv2 patch (14); auto: 448, or 224 on a campaign of fewer than 500 images.")
+    seed: int = Field(0, description="Training seed (initialisation and the per-epoch shuffle).")
+    cache_features: Bool | Auto = Field(
+        "auto", description="Cache DINOv2 features (fp16) in <campaign>/features/; auto: when the campaign is on a "
+        "local disk with room for it. Cached and uncached runs are different checkpoints.")
+    procrustes: Bool = Field(
+        True, description="After each epoch, turn the output space so the class centroids point at their text "
+        "anchors (docs/STAGE2.md); false: the paper's plain SGD.")
+    device: str = Field("auto", description="auto, cpu or cuda[:N]; not part of the train hash.")
 
     def hashed(self) -> dict:
         if "auto" in (self.epochs, self.train_size, self.cache_features):
             raise ValueError("resolve epochs, train_size and cache_features (TrainConfig.resolved) before hashing")
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in UNHASHED}
+        return {k: v for k, v in self.to_dict().items() if k not in UNHASHED}
 
     def resolved(self, images: int, cache: bool) -> "TrainConfig":
         """This config with every "auto" resolved for a campaign of `images` images: epochs = auto_epochs(images),
         train_size = auto_train_size(images), cache_features = `cache`."""
-        return replace(self, epochs=auto_epochs(images) if self.epochs == "auto" else self.epochs,
-                       train_size=auto_train_size(images) if self.train_size == "auto" else self.train_size,
-                       cache_features=cache if self.cache_features == "auto" else self.cache_features)
+        return self.replace(epochs=auto_epochs(images) if self.epochs == "auto" else self.epochs,
+                            train_size=auto_train_size(images) if self.train_size == "auto" else self.train_size,
+                            cache_features=cache if self.cache_features == "auto" else self.cache_features)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown train config field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+
+# The `train` parameter of the flows and the training flags of `fmbseg train`: any subset of the settings.
+TrainOverrides = overrides_model(TrainConfig, "TrainOverrides",
+                                 "Training settings to change; empty ones keep their default.")
 
 
 def train_hash(cfg: TrainConfig, stage1_hash: str) -> str:
@@ -227,7 +219,7 @@ def _payload(module, align_cfg, cfg, vocab, text, encoders, epoch, thash, campai
              plan) -> dict:
     return {
         "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-        "config": {"alignment": align_cfg.to_json(), "train": asdict(cfg), "train_hash": thash,
+        "config": {"alignment": align_cfg.to_json(), "train": cfg.to_dict(), "train_hash": thash,
                    "campaign": campaign, "stage1_hash": stage1_hash},
         "plan": plan,
         "vocabulary": vocab.to_json(),
@@ -397,7 +389,7 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
               f"epochs); the alignment typically needs ~{MIN_USEFUL_STEPS} or more: use --epochs auto",
               file=sys.stderr)
 
-    _write_config(ckpt_path, {"train": asdict(run_cfg), "train_hash": thash, "alignment": align_cfg.to_json(),
+    _write_config(ckpt_path, {"train": run_cfg.to_dict(), "train_hash": thash, "alignment": align_cfg.to_json(),
                               "campaign": campaign, "stage1_hash": reader.stage1_hash, "encoders": encoders,
                               "vocabulary": vocab.to_json(), "images": n, "steps_per_epoch": steps_per_epoch,
                               "plan": plan, "version": fmbseg.__version__})

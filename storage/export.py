@@ -31,7 +31,7 @@ import os
 import posixpath
 import shutil
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import fsspec
 import numpy as np
@@ -44,6 +44,7 @@ from storage.layout import shard_name
 from storage.reader import CampaignReader
 
 EXPORT_FORMATS = ("coco", "png", "hf")
+ExportFormat = Literal[EXPORT_FORMATS]
 STATE_DIR = ".fmbseg-export"
 COCO_FILE = "annotations.json"
 PNG_IGNORE = 255

@@ -43,15 +43,6 @@ from fmbseg.models.base import AutoMask, AutoMaskConfig, SamEmbedding
 PAD_TO = 8
 
 
-def _check_config(cfg: AutoMaskConfig) -> None:
-    if cfg.points_per_side < 1:
-        raise ValueError(f"points_per_side must be >= 1, got {cfg.points_per_side}")
-    if not 0.0 <= cfg.min_area_frac <= cfg.max_area_frac <= 1.0:
-        raise ValueError(f"need 0 <= min_area_frac <= max_area_frac <= 1, got {cfg.min_area_frac}, {cfg.max_area_frac}")
-    if not 0.0 <= cfg.box_nms_thresh <= 1.0:
-        raise ValueError(f"box_nms_thresh must be in [0, 1], got {cfg.box_nms_thresh}")
-
-
 def grid_points(points_per_side: int, original_hw: tuple[int, int]) -> np.ndarray:
     """(points_per_side², 2) (x, y): the stock generator's grid, `build_point_grid(n) * (W, H)`, row-major (y
     outer). These are SAM pixel-index coordinates (see the module docstring), not continuous ones."""
@@ -145,7 +136,6 @@ def generate_masks(model, emb: SamEmbedding, cfg: AutoMaskConfig) -> list[AutoMa
     from segment_anything.utils.amg import batch_iterator, batched_mask_to_box, calculate_stability_score
     from torchvision.ops import batched_nms
 
-    _check_config(cfg)
     h, w = emb.original_hw
     min_area, max_area = cfg.min_area_frac * h * w, cfg.max_area_frac * h * w
     threshold = model.sam.mask_threshold
