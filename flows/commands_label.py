@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 
 from flows.cli import UsageError
+from flows.settings_flags import add_settings_flags, settings_from_args
+from fmbseg.stage1_config import Stage1Overrides
 
 
 def register(subparsers) -> None:
@@ -38,9 +40,6 @@ def register(subparsers) -> None:
     p.add_argument("--relocate", metavar="NEW_ROOT",
                    help="only repoint the campaign at images that moved to NEW_ROOT (same relative paths; every "
                    "image checked by size), then exit")
-    p.add_argument("--dense-mode", default="maskclip", choices=("maskclip", "clearclip", "sclip"),
-                   help="dense CLIP features of Stage 1: maskclip (default), clearclip (q-q attention, no residual "
-                   "or FFN in the last block) or sclip (q-q + k-k attention); part of the Stage-1 config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--profile", action="store_true",
                    help="print the per-part time split and the pipeline's idle fractions (GPU waiting for host, "
@@ -49,6 +48,10 @@ def register(subparsers) -> None:
                    help="images per SAM encoder batch (default: 1 on CPU, 4 on CUDA); never changes outputs on CPU")
     p.add_argument("--serial", action="store_true",
                    help="label image after image without the decode-ahead/write-behind pipeline (same outputs)")
+    stage1 = p.add_argument_group(
+        "Stage-1 settings (fmbseg/stage1_config.py; part of the campaign's config hash; a flag left out keeps "
+        "the preset's value)")
+    add_settings_flags(stage1, Stage1Overrides, default_note="(or the preset's)")
     ray = p.add_argument_group("scale-out on Ray (docs/ORCHESTRATION.md)")
     ray.add_argument("--runner", default="local", choices=("local", "ray"),
                      help="local: shards one after another in this process (default); ray: every not-yet-done "
@@ -114,6 +117,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if args.sam_batch is not None and args.sam_batch < 1:
         raise UsageError(f"--sam-batch must be >= 1, got {args.sam_batch}")
+    args.stage1 = stage1_from_args(args)
     from stages.label_pipeline import ExecutionConfig
 
     if args.runner == "ray":
@@ -129,7 +133,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         image_root=args.image_root,
         overwrite=args.overwrite,
         allow_outside_root=args.allow_outside_root,
-        stage1={} if args.dense_mode == "maskclip" else {"dense_mode": args.dense_mode},
+        stage1=args.stage1,
         execution=ExecutionConfig(pipeline=not args.serial, sam_batch=args.sam_batch),
     )
     summary = run_label(cfg, rank=args.rank, world_size=args.world_size, retry_failed=args.retry_failed,
@@ -148,6 +152,18 @@ def cmd_label(args: argparse.Namespace) -> int:
               "check --images / --image-root, or repoint a moved campaign with --relocate", file=sys.stderr)
         return 1
     return 0
+
+
+def stage1_from_args(args: argparse.Namespace) -> dict:
+    """The Stage-1 flags the user passed, checked on top of the preset's values (a UsageError naming the problem)."""
+    from stages.label import build_stage1_config
+
+    overrides = settings_from_args(args, Stage1Overrides, list(Stage1Overrides.model_fields))
+    try:
+        build_stage1_config(args.preset, overrides)  # what only the combination can break (area bounds)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return overrides
 
 
 def _label_on_ray(args: argparse.Namespace) -> int:
@@ -176,8 +192,7 @@ def _label_on_ray(args: argparse.Namespace) -> int:
         s = label_campaign(
             images=args.images, vocab=args.vocab, campaign=args.campaign, preset=args.preset,
             shard_size=args.shard_size, seed=args.seed, device=args.device, image_root=args.image_root,
-            stage1={} if args.dense_mode == "maskclip" else {"dense_mode": args.dense_mode},
-            overwrite=args.overwrite, retry_failed=args.retry_failed, runner="ray", ray_address=args.ray_address,
+            stage1=args.stage1, overwrite=args.overwrite, retry_failed=args.retry_failed, runner="ray", ray_address=args.ray_address,
             gpus_per_shard=args.gpus_per_shard, cpus_per_shard=args.cpus_per_shard,
             allow_outside_root=args.allow_outside_root,
         )

@@ -7,6 +7,11 @@ import argparse
 import os
 
 from flows.cli import UsageError
+from flows.settings_flags import add_settings_flags, settings_from_args
+from stages.train_config import TrainOverrides
+
+# TrainConfig fields whose flags are written by hand: --cache-features/--no-cache, --no-procrustes, --device.
+TRAIN_FLAGS_BY_HAND = ("cache_features", "procrustes", "device")
 
 
 def register(subparsers) -> None:
@@ -16,24 +21,20 @@ def register(subparsers) -> None:
         "The checkpoint goes to <campaign>/train/<config-hash>/model.pt unless --out is given; a finished one "
         "with the same settings is reused, an interrupted one resumes from its last finished epoch.")
     t.add_argument("--campaign", required=True, metavar="DIR", help="campaign directory or fsspec URL")
-    t.add_argument("--epochs", default="auto", metavar="N|auto",
-                   help="training epochs; auto (default): 10, or enough epochs for >= 2000 steps at batch 5 on a "
-                   "small campaign (max of the two); the plan is printed before training")
-    cache = t.add_mutually_exclusive_group()
+    settings = t.add_argument_group(
+        "training settings (stages/train_config.py; part of the train hash; the plan is printed before "
+        "training)")
+    add_settings_flags(settings, TrainOverrides, skip=TRAIN_FLAGS_BY_HAND)
+    cache = settings.add_mutually_exclusive_group()
     cache.add_argument("--cache-features", dest="cache", action="store_const", const=True, default="auto",
                        help="always cache DINOv2 features in <campaign>/features/ (fp16; default: cache when "
                        "the disk has room; the size is printed first)")
     cache.add_argument("--no-cache", dest="cache", action="store_const", const=False,
                        help="recompute DINOv2 features every epoch (no feature cache)")
-    t.add_argument("--no-procrustes", action="store_true",
+    settings.add_argument("--no-procrustes", action="store_true",
                    help="do not turn the output space to the text anchors after each epoch (the paper's plain "
                    "SGD; aligns more slowly, see docs/STAGE2.md)")
     t.add_argument("--out", metavar="CKPT", help="checkpoint path (default <campaign>/train/<hash>/model.pt)")
-    t.add_argument("--train-size", default="auto", metavar="PX|auto",
-                   help="training view: short side resized, centre-cropped square, a multiple of 14; auto "
-                   "(default): 448, or 224 on a campaign of fewer than 500 images (where auto epochs add steps)")
-    t.add_argument("--batch-size", type=int, default=5, metavar="N", help="images per SGD step (default 5)")
-    t.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
@@ -67,19 +68,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_predict)
 
 
-def _int_or_auto(flag: str, text: str) -> int | str:
-    """A flag's value: "auto" or an integer >= 1 (a UsageError otherwise)."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise UsageError(f"{flag} must be >= 1 or auto, got {text}")
-    return value
-
-
 def _check_device(device: str) -> None:
     from fmbseg.device import resolve_device
 
@@ -92,14 +80,12 @@ def _check_device(device: str) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from stages.train import TrainConfig, train_alignment
 
-    epochs = _int_or_auto("--epochs", args.epochs)
-    train_size = _int_or_auto("--train-size", args.train_size)
+    given = settings_from_args(args, TrainOverrides,
+                               [n for n in TrainOverrides.model_fields if n not in TRAIN_FLAGS_BY_HAND])
     _check_device(args.device)
     if "://" not in args.campaign and not os.path.isfile(os.path.join(args.campaign, "campaign.json")):
         raise UsageError(f"no campaign at {args.campaign} (campaign.json missing): run `fmbseg label` first")
-    cfg = TrainConfig(epochs=epochs, cache_features=args.cache, device=args.device,
-                      train_size=train_size, batch_size=args.batch_size, seed=args.seed,
-                      procrustes=not args.no_procrustes)
+    cfg = TrainConfig(**given, cache_features=args.cache, device=args.device, procrustes=not args.no_procrustes)
     path = train_alignment(args.campaign, cfg, out=args.out, progress=not args.no_progress)
     print(path)
     return 0

@@ -26,7 +26,7 @@ from flows.ray_runner import (Runner, check_runner, default_gpus_per_shard, ray_
                               worker_info)
 from fmbseg.datasets import DatasetName
 from fmbseg.presets import PresetName
-from fmbseg.stage1 import Stage1Overrides
+from fmbseg.stage1_config import Stage1Overrides
 from stages.evaluate import evaluate, evaluate_one, merge_evaluations, report_key, resolve_models
 
 

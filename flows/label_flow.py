@@ -38,7 +38,7 @@ from flows.artifacts import ShardProgress, artifact_key, publish_label_summary, 
 from flows.ray_runner import (Runner, check_runner, default_gpus_per_shard, ray_task_runner, shard_remote_options,
                               worker_info)
 from fmbseg.presets import PresetName
-from fmbseg.stage1 import Stage1Overrides
+from fmbseg.stage1_config import Stage1Overrides
 from stages import models_cache
 from stages.label import LabelConfig, build_stage1_config, label_shard, plan_campaign, shards_for_rank
 from storage.campaign import read_manifest

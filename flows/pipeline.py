@@ -33,10 +33,10 @@ from flows.ray_runner import Runner
 from flows.train_flow import train_alignment_flow, train_config
 from fmbseg.datasets import DatasetName
 from fmbseg.presets import PresetName
-from fmbseg.stage1 import Stage1Overrides
+from fmbseg.stage1_config import Stage1Overrides
 from stages.label import campaign_status
 from stages.predict import predict_folder
-from stages.train import TrainOverrides
+from stages.train_config import TrainOverrides
 
 
 @task(name="synthetic-world", cache_policy=NO_CACHE)

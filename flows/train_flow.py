@@ -13,7 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from flows.gpu import GPU_TAG
 from flows.artifacts import artifact_key, markdown_table, publish_markdown
 from flows.label_flow import retry_unless_permanent
-from stages.train import TrainConfig, TrainOverrides, train_alignment
+from stages.train import train_alignment
+from stages.train_config import TrainConfig, TrainOverrides
 
 
 def train_config(train: TrainOverrides | dict | None = None, device: str | None = None) -> dict:

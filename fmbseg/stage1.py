@@ -11,106 +11,21 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from annotated_types import Ge, Gt, MinLen
-from pydantic import AfterValidator, BeforeValidator, Field
 
 from fmbseg import IGNORE_LABEL
 from fmbseg.device import synchronize
-from fmbseg.models.base import POINT_OUTPUTS, AutoMaskConfig, ClipModel, Fraction, SamEmbedding, SamModel
-from fmbseg.models.clip import DenseMode
+from fmbseg.models.base import ClipModel, SamEmbedding, SamModel
 from fmbseg.models.sliding import SlidingFeatures, sliding_window_features
 from fmbseg.pooling import mask_pool
-from fmbseg.settings import overrides_model
+from fmbseg.stage1_config import Stage1Config
 
 STAGE_11 = "1.1"
 STAGE_12 = "1.2"
-STAGE12_UNDETECTED = ("paper", "drop")
-# What a stored campaign config that predates a field meant (see `Stage1Config.from_stored`).
-_LEGACY_VALUES = {"point_outputs": "multimask", "stage12_undetected": "paper"}
-
-PointOutputs = Literal[POINT_OUTPUTS]
-Stage12Undetected = Literal[STAGE12_UNDETECTED]
-PositiveInt = Annotated[int, Ge(1)]
-
-
-def _check_templates(templates: tuple[str, ...]) -> tuple[str, ...]:
-    for t in templates:
-        if t.count("{}") != 1:
-            raise ValueError(f"template {t!r} must be a string with exactly one '{{}}'")
-    return templates
-
-
-def _not_one_string(v: Any) -> Any:
-    if isinstance(v, str):
-        raise ValueError("templates must be a list of strings, not one string")
-    return v
-
-
-Templates = Annotated[tuple[str, ...], BeforeValidator(_not_one_string), MinLen(1), AfterValidator(_check_templates)]
-
-
-class Stage1Config(AutoMaskConfig):
-    """Every Stage-1 setting (DESIGN §1) with its default: the automatic-mask fields of `AutoMaskConfig` and the
-    ones below. `to_dict()` is what campaign.json stores and the campaign's Stage-1 config hash covers."""
-
-    what: ClassVar[str] = "Stage-1 config"
-
-    upscale: Annotated[float, Gt(0)] = Field(
-        2.0, description="Stage 1.1: the image is upscaled by this factor before CLIP's sliding window (capped by "
-        "max_side).")
-    max_side: PositiveInt = Field(
-        2048, description="Stage 1.1: the long side of the upscaled image is at most this many pixels.")
-    clip_batch_size: PositiveInt = Field(
-        32, description="Stage 1.1: CLIP crops per forward pass of the sliding window.")
-    min_crop_votes: PositiveInt = Field(
-        1, description="Stage 1.1: a class is detected when it is the best class of at least this many crops.")
-    points_per_class: PositiveInt = Field(
-        5, description="Stage 1.1: positive point prompts per detected class (its most similar dense CLIP "
-        "patches), one SAM prompt.")
-    # Kept (and hashed) so campaigns written before keep their hash; the automatic-mask decode batch is now the SAM
-    # adapter's execution setting (`make_sam(points_per_batch=...)`, default by device), which changes no output.
-    points_per_batch: PositiveInt = Field(
-        64, description="Recorded for campaigns written before it became the SAM adapter's execution setting; "
-        "changes no output.")
-    stage12_fraction: Fraction = Field(
-        0.75, description="Merge: the fraction of Stage-1.2 masks drawn (seeded per image) into the label map; "
-        "every Stage-1.1 mask is kept.")
-    templates: Templates = Field(
-        ("a photo of a {}.",), description="CLIP text prompts, each with one '{}' for the class name; a class's "
-        "text embedding is the mean over the templates.")
-    # A campaign.json written before this field existed reads it as maskclip (the only path then; `from_stored`).
-    dense_mode: DenseMode = Field(
-        "maskclip", description="Dense CLIP features (DESIGN §3): maskclip (value path), clearclip (q-q attention, "
-        "no residual or FFN in the last block) or sclip (q-q + k-k attention).")
-    point_outputs: PointOutputs = Field(
-        "all4", description="Stage 1.1: which SAM decoder outputs a class's point set may pick from (the highest "
-        "predicted IoU wins): all4 (the single-mask token and the 3 multimask tokens), multimask (tokens 1-3, what "
-        "campaigns labelled before this setting used) or single (token 0).")
-    stage12_undetected: Stage12Undetected = Field(
-        "paper", description="Stage 1.2: paper gives an automatic mask the best detected class; drop discards a "
-        "mask whose best class over the whole vocabulary was not detected (an A/B option, not the paper's).")
-
-    @classmethod
-    def from_stored(cls, d: dict[str, Any]) -> "Stage1Config":
-        """The config a stored campaign was labelled with: like `from_dict`, except that a field added after the
-        campaign was written takes the value that reproduces the old behaviour (a missing `point_outputs` is
-        `multimask`, a missing `stage12_undetected` is `paper`), not today's default."""
-        return cls.from_dict({**_LEGACY_VALUES, **d})
-
-    def auto_mask_config(self) -> AutoMaskConfig:
-        return AutoMaskConfig(**{name: getattr(self, name) for name in AutoMaskConfig.model_fields})
-
-
-# The `stage1` parameter of the flows and the Stage-1 flags of `fmbseg label`: any subset of the settings, on top of
-# the preset's. `points_per_batch` is left out: it changes no output (only old campaigns record other values).
-Stage1Overrides = overrides_model(
-    Stage1Config, "Stage1Overrides", "Stage-1 settings to change; empty ones keep the preset's value.",
-    hide=("points_per_batch",))
 
 
 @dataclass

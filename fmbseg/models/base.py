@@ -9,52 +9,13 @@ Point coordinates are `(x, y)` in original-image pixels, continuous (pixel centr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
-from annotated_types import Ge, Le
-from pydantic import Field, model_validator
 
-from fmbseg.settings import Settings
-
-# Which of SAM's 4 decoder outputs a point prompt returns (see `SamModel.predict_points`).
-POINT_OUTPUTS = ("all4", "multimask", "single")
-
-
-Fraction = Annotated[float, Ge(0), Le(1)]
-
-
-class AutoMaskConfig(Settings):
-    """Settings of SAM's automatic mask generation (DESIGN §1, Stage 1.2). Areas are fractions of the image.
-    The decode batch is not here: it changes no output, so it is the SAM adapter's execution setting.
-    `fmbseg.stage1.Stage1Config` extends these fields (one definition of each)."""
-
-    what: ClassVar[str] = "automatic-mask config"
-
-    points_per_side: Annotated[int, Ge(1)] = Field(
-        32, description="Stage 1.2: SAM's automatic masks are prompted by a points_per_side x points_per_side grid "
-        "of single points over the image.")
-    pred_iou_thresh: Fraction = Field(
-        0.88, description="Stage 1.2: keep an automatic mask when SAM's predicted IoU is at least this.")
-    stability_score_thresh: Fraction = Field(
-        0.95, description="Stage 1.2: keep an automatic mask when its stability score (IoU of the mask thresholded "
-        "at +/- stability_score_offset) is at least this.")
-    stability_score_offset: Annotated[float, Ge(0)] = Field(
-        1.0, description="Stage 1.2: the logit offset of the stability score.")
-    box_nms_thresh: Fraction = Field(
-        0.7, description="Stage 1.2: box IoU above which the automatic mask with the lower predicted IoU is "
-        "suppressed.")
-    min_area_frac: Fraction = Field(
-        0.0005, description="Stage 1.2: drop automatic masks smaller than this fraction of the image area.")
-    max_area_frac: Fraction = Field(
-        0.95, description="Stage 1.2: drop automatic masks larger than this fraction of the image area.")
-
-    @model_validator(mode="after")
-    def _area_range(self):
-        if self.min_area_frac > self.max_area_frac:
-            raise ValueError(f"min_area_frac {self.min_area_frac} exceeds max_area_frac {self.max_area_frac}")
-        return self
+# The automatic-mask settings and the point-output names are defined with the other Stage-1 settings.
+from fmbseg.stage1_config import POINT_OUTPUTS, AutoMaskConfig  # noqa: F401 - re-exported
 
 
 @dataclass

@@ -16,19 +16,18 @@ Then ln_post and the visual projection. The CLS embedding takes the ordinary pat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fmbseg.device import autocast
+from fmbseg.stage1_config import DENSE_MODES, DenseMode  # noqa: F401 (the registry lives with the settings)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
-DENSE_MODES = ("maskclip", "clearclip", "sclip")
-DenseMode = Literal[DENSE_MODES]
 
 
 def check_dense_mode(mode: str) -> str:

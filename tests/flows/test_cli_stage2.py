@@ -50,9 +50,9 @@ def test_train_eval_predict(world_and_campaign, capsys):
 
 @pytest.mark.parametrize("argv, reason", [
     (["train", "--campaign", "{tmp}/none"], "no campaign at"),
-    (["train", "--campaign", "{tmp}/none", "--epochs", "0"], "--epochs must be >= 1"),
-    (["train", "--campaign", "{tmp}/none", "--epochs", "many"], "--epochs must be >= 1 or auto, got many"),
-    (["train", "--campaign", "{tmp}/none", "--train-size", "big"], "--train-size must be >= 1 or auto"),
+    (["train", "--campaign", "{tmp}/none", "--epochs", "0"], "--epochs must be an integer >= 1 or auto, got 0"),
+    (["train", "--campaign", "{tmp}/none", "--epochs", "many"], "--epochs must be an integer >= 1 or auto, got many"),
+    (["train", "--campaign", "{tmp}/none", "--train-size", "big"], "--train-size must be an integer >= 1 or auto"),
     (["eval", "--dataset", "custom", "--data-root", "{tmp}/none", "--models", "maskclip", "--out", "{tmp}/o"],
      "is not a folder"),
     (["eval", "--dataset", "voc", "--data-root", "{tmp}", "--models", "maskclip", "--out", "{tmp}/o"],
