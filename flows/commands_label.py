@@ -192,7 +192,8 @@ def _label_on_ray(args: argparse.Namespace) -> int:
         s = label_campaign(
             images=args.images, vocab=args.vocab, campaign=args.campaign, preset=args.preset,
             shard_size=args.shard_size, seed=args.seed, device=args.device, image_root=args.image_root,
-            stage1=args.stage1, overwrite=args.overwrite, retry_failed=args.retry_failed, runner="ray", ray_address=args.ray_address,
+            stage1=args.stage1,
+            overwrite=args.overwrite, retry_failed=args.retry_failed, runner="ray", ray_address=args.ray_address,
             gpus_per_shard=args.gpus_per_shard, cpus_per_shard=args.cpus_per_shard,
             allow_outside_root=args.allow_outside_root,
         )
