@@ -20,7 +20,7 @@ import posixpath
 import time
 from typing import Annotated
 
-from annotated_types import Ge, Gt
+from annotated_types import Ge
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -99,7 +99,7 @@ def fmbseg_pipeline(
     demo_root: str | None = None,
     demo_train_images: Annotated[int, Ge(1)] = 40,
     demo_eval_images: Annotated[int, Ge(1)] = 8,
-    wait_timeout_s: Annotated[float, Gt(0)] = 7 * 24 * 3600.0,
+    wait_timeout_s: Annotated[float, Ge(0)] = 7 * 24 * 3600.0,
     runner: Runner = "local",
     ray_address: str | None = None,
     gpus_per_shard: Annotated[float, Ge(0)] | None = None,
