@@ -53,7 +53,18 @@ def evaluate_on_ray(pairs: list[dict], checkpoint: str | None, preset: str | Non
                     gpus_per_task: float | None = None, cpus_per_task: float = 1.0,
                     worker_restarts: int = 3) -> list[dict]:
     """Submit one `evaluate-one` task per `{"dataset", "data_root", "model"}` of `pairs` to this flow's task runner
-    (a `RayTaskRunner`); -> their results, in the order of `pairs`. Fails when any pair fails."""
+    (a `RayTaskRunner`); -> their results, in the order of `pairs`. Fails when any pair fails.
+
+    Args:
+        pairs: The (benchmark, data root, segmenter) triples to evaluate, as dicts.
+        checkpoint: Alignment checkpoint the fmbseg segmenter needs.
+        preset: CLIP/SAM preset of the other segmenters (default: the checkpoint's).
+        device: auto, cpu or cuda[:N], on each worker.
+        stage1: Stage-1 overrides of the stage1* segmenters (a plain dict of Stage1Config fields).
+        gpus_per_task: GPUs per task (empty: 1 when the cluster has GPUs, else 0).
+        cpus_per_task: CPUs per task.
+        worker_restarts: How often Ray re-runs a task whose worker process or node died.
+    """
     from prefect_ray.context import remote_options
 
     options = shard_remote_options(default_gpus_per_shard(gpus_per_task), cpus_per_task, worker_restarts)

@@ -152,8 +152,18 @@ def label_shards_ray(
     """Submit one `label-shard` task per shard to this flow's task runner (a `RayTaskRunner`, see
     `label_campaign`); -> `{"results": [shard results], "failed": [shard ids], "gpus_per_shard": float}`.
 
-    `worker_restarts`: how often Ray re-runs a shard whose worker process or node died; `shard_retries`: how often
-    Prefect retries a shard that raised."""
+    Args:
+        campaign: Campaign directory (local path or fsspec URL every Ray node reads).
+        shard_ids: The shards to label.
+        device: auto, cpu or cuda[:N], on each worker.
+        retry_failed: Relabel done shards that have failed images.
+        gpus_per_shard: GPUs each shard task asks for (empty: 1 when the cluster has GPUs, else 0).
+        cpus_per_shard: CPUs each shard task asks for.
+        shard_retries: Prefect retries of a shard that raised.
+        retry_delay_seconds: Delay before a shard's first retry; doubles with each retry.
+        worker_restarts: How often Ray re-runs a shard whose worker process or node died.
+        progress_key: Key of the progress artifact to update after each shard (empty: none).
+    """
     from prefect_ray.context import remote_options
 
     logger = get_run_logger()

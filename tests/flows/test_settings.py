@@ -12,17 +12,18 @@ import pytest
 import yaml
 
 from flows.cli import build_parser, main
-from flows.evaluate_flow import evaluate_flow
+from flows.evaluate_flow import evaluate_flow, evaluate_on_ray
 from flows.export_flow import export_campaign_flow
-from flows.label_flow import label_campaign
+from flows.label_flow import label_campaign, label_shards_ray
 from flows.pipeline import fmbseg_pipeline
 from flows.stats_flow import campaign_stats_flow
 from flows.train_flow import train_alignment_flow, train_config
 
 REPO = Path(__file__).resolve().parents[2]
 FLOWS = {f.name: f for f in (label_campaign, train_alignment_flow, evaluate_flow, fmbseg_pipeline,
-                             export_campaign_flow, campaign_stats_flow)}
-ENTRYPOINTS = {"label-campaign": "flows/label_flow.py:label_campaign", "fmbseg-pipeline": "flows/pipeline.py:fmbseg_pipeline",
+                             export_campaign_flow, campaign_stats_flow, label_shards_ray, evaluate_on_ray)}
+ENTRYPOINTS = {"label-campaign": "flows/label_flow.py:label_campaign",
+               "fmbseg-pipeline": "flows/pipeline.py:fmbseg_pipeline",
                "train-alignment": "flows/train_flow.py:train_alignment_flow",
                "evaluate": "flows/evaluate_flow.py:evaluate_flow"}
 
