@@ -213,13 +213,11 @@ class Overrides(BaseModel):
         return value.overrides()
 
 
-def overrides_model(cls: type[Settings], name: str, doc: str, hide: tuple[str, ...] = ()) -> type[Overrides]:
-    """An `Overrides` model with every field of `cls` but `hide`, each optional with default None and the same type,
-    bounds and description (its default appended)."""
+def overrides_model(cls: type[Settings], name: str, doc: str) -> type[Overrides]:
+    """An `Overrides` model with every field of `cls`, each optional with default None and the same type, bounds
+    and description (its default appended)."""
     fields: dict[str, Any] = {}
     for fname, f in cls.model_fields.items():
-        if fname in hide:
-            continue
         default = f.default if not isinstance(f.default, tuple) else list(f.default)
         typ = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
         fields[fname] = (Optional[typ], Field(None, description=f"{f.description} Default: {default}.",

@@ -103,8 +103,8 @@ class Stage1Config(AutoMaskConfig):
     # Kept (and hashed) so campaigns written before keep their hash; the automatic-mask decode batch is now the SAM
     # adapter's execution setting (`make_sam(points_per_batch=...)`, default by device), which changes no output.
     points_per_batch: PositiveInt = Field(
-        64, description="Recorded for campaigns written before it became the SAM adapter's execution setting; "
-        "changes no output.")
+        64, description="Changes no output (the decode batch is now the SAM adapter's execution setting); kept "
+        "because campaigns record it: set it only to extend a campaign labelled with another value.")
     stage12_fraction: Fraction = Field(
         0.75, description="Merge: the fraction of Stage-1.2 masks drawn (seeded per image) into the label map; "
         "every Stage-1.1 mask is kept.")
@@ -135,7 +135,6 @@ class Stage1Config(AutoMaskConfig):
 
 
 # The `stage1` parameter of the flows and the Stage-1 flags of `fmbseg label`: any subset of the settings, on top of
-# the preset's. `points_per_batch` is left out: it changes no output (only old campaigns record other values).
+# the preset's.
 Stage1Overrides = overrides_model(
-    Stage1Config, "Stage1Overrides", "Stage-1 settings to change; empty ones keep the preset's value.",
-    hide=("points_per_batch",))
+    Stage1Config, "Stage1Overrides", "Stage-1 settings to change; empty ones keep the preset's value.")
