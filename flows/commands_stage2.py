@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     t.add_argument("--no-procrustes", action="store_true",
                    help="do not turn the output space to the text anchors after each epoch (the paper's plain "
                    "SGD; aligns more slowly, see docs/STAGE2.md)")
+    t.add_argument("--crop-min", type=float, default=0.4, metavar="F",
+                   help="each batch trains on random windows of the patch grid, sides from F x the grid's to all of "
+                        "it (default 0.4; 1 = always the whole view; docs/STAGE2.md)")
     t.add_argument("--out", metavar="CKPT", help="checkpoint path (default <campaign>/train/<hash>/model.pt)")
     t.add_argument("--train-size", default="auto", metavar="PX|auto",
                    help="training view: short side resized, centre-cropped square, a multiple of 14; auto "
@@ -114,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"no campaign at {args.campaign} (campaign.json missing): run `fmbseg label` first")
     cfg = TrainConfig(epochs=epochs, cache_features=args.cache, device=args.device,
                       train_size=train_size, batch_size=args.batch_size, seed=args.seed,
-                      procrustes=not args.no_procrustes)
+                      procrustes=not args.no_procrustes, crop_min=args.crop_min)
     path = train_alignment(args.campaign, cfg, out=args.out, progress=not args.no_progress)
     print(path)
     return 0

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 import fmbseg
-from fmbseg.alignment import (AlignmentConfig, build_alignment, patch_labels, rotate_to_anchors, train_label_view,
-                              train_view)
+from fmbseg.alignment import (AlignmentConfig, build_alignment, patch_labels, random_windows, rotate_to_anchors,
+                              train_label_view, train_view, window_sides)
 from fmbseg.checkpoint import checkpoint_exists, is_finished, load_checkpoint, save_checkpoint
 from fmbseg.device import autocast, resolve_device, synchronize
 from fmbseg.images import load_image
@@ -106,7 +106,11 @@ class TrainConfig:
     actually ran: cached features are fp16, so a cached run's weights differ (slightly) from an uncached one's and
     the two never share a checkpoint; an explicit setting equal to what "auto" resolves to shares the hash.
     `procrustes`: after every epoch, turn the output space so the epoch's class centroids point at their text
-    anchors (`fmbseg.alignment.rotate_to_anchors`; TSupCon itself is unchanged, see docs/STAGE2.md)."""
+    anchors (`fmbseg.alignment.rotate_to_anchors`; TSupCon itself is unchanged, see docs/STAGE2.md).
+    `crop_min`: every batch trains on a random window of each image's patch grid, its sides drawn in
+    [ceil(crop_min x side), side] (`fmbseg.alignment.random_windows`); 1 = the whole view every time (DESIGN's
+    plain loop). Small campaigns otherwise show the block the same few token sets hundreds of times and it learns
+    each class by its images' context (docs/STAGE2.md)."""
 
     epochs: int | str = "auto"
     batch_size: int = 5
@@ -118,6 +122,7 @@ class TrainConfig:
     seed: int = 0
     cache_features: bool | str = "auto"
     procrustes: bool = True
+    crop_min: float = 0.4
     device: str = "auto"
 
     def __post_init__(self):
@@ -136,6 +141,9 @@ class TrainConfig:
             problems.append(f"momentum must be in [0, 1) (got {self.momentum!r})")
         if self.weight_decay < 0:
             problems.append(f"weight_decay must be >= 0 (got {self.weight_decay!r})")
+        if isinstance(self.crop_min, bool) or not isinstance(self.crop_min, (int, float)) \
+                or not 0 < self.crop_min <= 1:
+            problems.append(f"crop_min must be in (0, 1] (got {self.crop_min!r})")
         if not isinstance(self.procrustes, bool):
             problems.append(f"procrustes must be true or false (got {self.procrustes!r})")
         if self.cache_features not in (True, False, "auto"):
@@ -371,7 +379,11 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
     feats = _features(first, data, run_cfg, dino, device, cache if reading_from_start else None)
     synchronize(device)
     t_feat = (time.perf_counter() - t0) / len(first)
-    t_step = _time_one_step(module, run_cfg, feats, labels_all[first], text, device)
+    # timed on a window of the mean size the run draws (the step's cost grows with the square of its patches)
+    (h_lo, h_hi), (w_lo, w_hi) = window_sides((grid, grid), run_cfg.crop_min)
+    mean_h, mean_w = round((h_lo + h_hi) / 2), round((w_lo + w_hi) / 2)
+    t_step = _time_one_step(module, run_cfg, feats[:, :mean_h, :mean_w], labels_all[first][:, :mean_h, :mean_w],
+                            text, device)
     remaining = epochs - start_epoch
     every = checkpoint_every(epochs)
     feature_epochs = 0 if reading_from_start else (min(1, remaining) if cache is not None else remaining)
@@ -380,14 +392,16 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
             "total_steps": total_steps, "images": n, "batch_size": run_cfg.batch_size,
             "rule": f"max({AUTO_MIN_EPOCHS}, ceil({AUTO_MIN_STEPS} / ceil(images / {AUTO_REF_BATCH})))",
             "cache_features": run_cfg.cache_features, "cache_setting": cfg.cache_features,
-            "train_size": run_cfg.train_size, "train_size_setting": cfg.train_size,
+            "train_size": run_cfg.train_size, "train_size_setting": cfg.train_size, "crop_min": run_cfg.crop_min,
             "estimated_seconds": round(estimate, 1), "device": str(device), "checkpoint_every": every}
     why = (f"auto: max({AUTO_MIN_EPOCHS}, >= {AUTO_MIN_STEPS} steps at batch {AUTO_REF_BATCH})"
            if cfg.epochs == "auto" else "as asked")
     size_why = f" (auto: {'>=' if n >= AUTO_SIZE_MIN_IMAGES else '<'} {AUTO_SIZE_MIN_IMAGES} images)" \
         if cfg.train_size == "auto" else ""
+    crop_why = "" if run_cfg.crop_min >= 1 else \
+        f", random windows of {h_lo}-{h_hi} x {w_lo}-{w_hi} of the {grid}x{grid} patches"
     print(f"train: plan: {epochs} epochs ({why}) x {steps_per_epoch} steps = {total_steps} SGD steps; {n} images, "
-          f"batch {run_cfg.batch_size}, {run_cfg.train_size} px{size_why}, features "
+          f"batch {run_cfg.batch_size}, {run_cfg.train_size} px{size_why}{crop_why}, features "
           f"{'cached' if cache is not None else 'recomputed every epoch'} ({cache_why}); estimated "
           f"{format_seconds(estimate)} on {device}" + (f" for the {remaining} epochs left" if start_epoch else ""),
           file=sys.stderr)
@@ -421,6 +435,7 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
             class_counts = np.zeros(len(vocab), dtype=np.int64)
             load = (lambda idx: cache.read_host(idx, pin=device.type == "cuda")) if reading else \
                 (lambda idx: _load_views(data, idx, run_cfg.train_size))
+            windows = torch.Generator().manual_seed(_window_seed(run_cfg.seed, epoch))
             for idx, host in _prefetch(batches, load):
                 if reading:
                     feats = host.to(device, non_blocking=True).float()
@@ -429,10 +444,11 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
                     if cache is not None:
                         feats = feats.half().float()   # every epoch sees what the cache holds
                         cache.write(idx, feats)
+                # labels stay on the host: tsupcon drops ignored patches there, without a device sync
+                feats, y = random_windows(feats, labels_all[idx], run_cfg.crop_min, windows)
                 with autocast(device):
                     z = module(feats)
-                # labels stay on the host: tsupcon drops ignored patches there, without a device sync
-                y = labels_all[idx].reshape(-1)
+                y = y.reshape(-1)
                 loss = tsupcon(z.reshape(-1, z.shape[-1]), y, text, run_cfg.temperature)
                 if run_cfg.procrustes:
                     kept = (y >= 0).nonzero().squeeze(1)
@@ -476,6 +492,12 @@ def _point_latest(campaign: str, ckpt_path: str, thash: str, epochs: int) -> Non
     write_latest(campaign, ckpt_path, thash, epochs)
     print(f"train: {CampaignRoot(campaign).full_url(LATEST)} -> {ckpt_path}; predict and eval accept "
           f"--checkpoint {campaign}", file=sys.stderr)
+
+
+def _window_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's window draws: its own stream (the shuffle's seed is seed * 1_000_003 + epoch), so a
+    resumed run draws the windows of the uninterrupted one."""
+    return (seed * 1_000_003 + epoch) * 2 + 1
 
 
 def _load_views(data: _TrainSet, idx: list[int], size: int) -> torch.Tensor:

@@ -161,7 +161,7 @@ def test_auto_epochs_resolve_print_the_plan_and_are_recorded(campaign, tmp_path,
         train_alignment(str(campaign), cfg, out=path, on_epoch_end=stop_at_first_checkpoint, progress=False)
     err = capsys.readouterr().err
     assert "train: plan: 1000 epochs (auto: max(10, >= 2000 steps at batch 5)) x 2 steps = 2000 SGD steps; " \
-           "7 images, batch 5, 56 px, features cached" in err
+           "7 images, batch 5, 56 px, random windows of 2-4 x 2-4 of the 4x4 patches, features cached" in err
     assert "estimated" in err and "warning" not in err
     assert err.index("train: plan:") < err.index("epoch 20/1000")
     ck = load_checkpoint(path)
