@@ -139,6 +139,9 @@ def test_bad_inputs(tmp_path, campaign):
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="cache_features must be true, false or auto"):
         TrainConfig(cache_features="yes")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=r"crop_min must be in \(0, 1\]"):
+            TrainConfig(crop_min=bad)
     with pytest.raises(ValueError, match="not a multiple of the DINOv2 patch size 14"):
         train_alignment(str(campaign), TrainConfig(**{**SMALL, "train_size": 50}), out=str(tmp_path / "x.pt"))
 
@@ -168,6 +171,7 @@ def test_auto_epochs_resolve_print_the_plan_and_are_recorded(campaign, tmp_path,
     assert ck["epoch"] == 20 and ck["epochs"] == 1000
     assert ck["config"]["train"]["epochs"] == 1000 and ck["config"]["train"]["cache_features"] is True
     assert ck["plan"]["epochs_setting"] == "auto" and ck["plan"]["cache_setting"] == "auto"
+    assert ck["plan"]["crop_min"] == 0.4 and ck["config"]["train"]["crop_min"] == 0.4
     assert (ck["plan"]["steps_per_epoch"], ck["plan"]["total_steps"], ck["plan"]["checkpoint_every"]) == (2, 2000, 20)
     assert ck["resume"]["scheduler"]["T_max"] == 2000 and ck["resume"]["scheduler"]["last_epoch"] == 40
     reader = CampaignReader(str(campaign))
