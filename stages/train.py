@@ -12,8 +12,8 @@ need the step floor. The DINOv2 feature cache (`stages/features_cache.py`) is on
 Output: `<campaign>/train/<train-hash>/model.pt` (or `out`), rewritten whole every `checkpoint_every(epochs)`
 epochs (every epoch up to 50) and after the last, with the optimiser, scheduler and RNG state, and
 `model.config.json` beside it (the resolved config). A finished training (or one found already trained) then
-points `<campaign>/train/latest.json` at its checkpoint (`stages/latest_checkpoint.py`), so
-`--checkpoint <campaign>` reaches the newest model without its hash. The train hash covers the resolved training settings that
+points `<campaign>/train/latest.json` at its checkpoint (`stages/latest_checkpoint.py`), so `--checkpoint
+<campaign>` reaches the newest model without its hash. The train hash covers the resolved training settings that
 change the weights (not the device; the cache choice is covered, since cached features are fp16) and the
 campaign's Stage-1 config hash, so changing a training setting never reruns Stage 1 and rerunning the same
 training reuses its checkpoint. An interrupted run resumes from its last checkpoint and ends with the weights an
@@ -419,70 +419,68 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
     # one display for the run (a small campaign has hundreds of short epochs): a bar on a terminal, a few lines
     # in a log
     bar = StepProgress(remaining * steps_per_epoch, "train", enabled=progress)
-    try:
-        for epoch in range(start_epoch, epochs):
-            reading = cached_complete
-            writing = cache is not None and not reading
-            if writing:
-                print(f"train: writing feature cache {cache.url}: {n} images x {grid}x{grid}x{dino.embed_dim} fp16 "
-                      f"= {cache.nbytes / 2**20:.1f} MiB", file=sys.stderr)
-                cache.create()
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(run_cfg.seed * 1_000_003 + epoch)).tolist()
-            batches = [order[i:i + run_cfg.batch_size] for i in range(0, n, run_cfg.batch_size)]
-            t0 = time.perf_counter()
-            total = torch.zeros((), device=device)      # the loss stays on the device: one host sync per epoch
-            class_sums = torch.zeros(len(vocab), int(text.shape[1]), device=device)    # this epoch's embeddings
-            class_counts = np.zeros(len(vocab), dtype=np.int64)
-            load = (lambda idx: cache.read_host(idx, pin=device.type == "cuda")) if reading else \
-                (lambda idx: _load_views(data, idx, run_cfg.train_size))
-            windows = torch.Generator().manual_seed(_window_seed(run_cfg.seed, epoch))
-            for idx, host in _prefetch(batches, load):
-                if reading:
-                    feats = host.to(device, non_blocking=True).float()
-                else:
-                    feats = _encode(dino, host, device)
-                    if cache is not None:
-                        feats = feats.half().float()   # every epoch sees what the cache holds
-                        cache.write(idx, feats)
-                # labels stay on the host: tsupcon drops ignored patches there, without a device sync
-                feats, y = random_windows(feats, labels_all[idx], run_cfg.crop_min, windows)
-                with autocast(device):
-                    z = module(feats)
-                y = y.reshape(-1)
-                loss = tsupcon(z.reshape(-1, z.shape[-1]), y, text, run_cfg.temperature)
-                if run_cfg.procrustes:
-                    kept = (y >= 0).nonzero().squeeze(1)
-                    class_counts += np.bincount(y[kept].numpy(), minlength=len(vocab))
-                    class_sums.index_add_(0, y[kept].to(device),
-                                          z.detach().reshape(-1, z.shape[-1]).float().index_select(0, kept.to(device)))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.detach()
-                bar.update(1)
-                bar.note(f"lr {sched.get_last_lr()[0]:.4f}")
-            if writing:
-                cache.mark_complete()
-                cached_complete = True
+    for epoch in range(start_epoch, epochs):
+        reading = cached_complete
+        writing = cache is not None and not reading
+        if writing:
+            print(f"train: writing feature cache {cache.url}: {n} images x {grid}x{grid}x{dino.embed_dim} fp16 "
+                  f"= {cache.nbytes / 2**20:.1f} MiB", file=sys.stderr)
+            cache.create()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(run_cfg.seed * 1_000_003 + epoch)).tolist()
+        batches = [order[i:i + run_cfg.batch_size] for i in range(0, n, run_cfg.batch_size)]
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=device)      # the loss stays on the device: one host sync per epoch
+        class_sums = torch.zeros(len(vocab), int(text.shape[1]), device=device)    # this epoch's embeddings
+        class_counts = np.zeros(len(vocab), dtype=np.int64)
+        load = (lambda idx: cache.read_host(idx, pin=device.type == "cuda")) if reading else \
+            (lambda idx: _load_views(data, idx, run_cfg.train_size))
+        windows = torch.Generator().manual_seed(_window_seed(run_cfg.seed, epoch))
+        for idx, host in _prefetch(batches, load):
+            if reading:
+                feats = host.to(device, non_blocking=True).float()
+            else:
+                feats = _encode(dino, host, device)
+                if cache is not None:
+                    feats = feats.half().float()   # every epoch sees what the cache holds
+                    cache.write(idx, feats)
+            # labels stay on the host: tsupcon drops ignored patches there, without a device sync
+            feats, y = random_windows(feats, labels_all[idx], run_cfg.crop_min, windows)
+            with autocast(device):
+                z = module(feats)
+            y = y.reshape(-1)
+            loss = tsupcon(z.reshape(-1, z.shape[-1]), y, text, run_cfg.temperature)
             if run_cfg.procrustes:
-                rotate_to_anchors(module, class_sums, torch.from_numpy(class_counts > 0), text,
-                                  [opt.state.get(q, {}).get("momentum_buffer") for q in module.head.parameters()])
-            stats = {"loss": total.item() / len(batches), "seconds": time.perf_counter() - t0, "cached": reading,
-                     "checkpoint": (epoch + 1) % every == 0 or epoch + 1 == epochs}
-            # the epoch and its loss ride on the progress display (a small campaign has hundreds of epochs); without
-            # it, one line per checkpoint
-            bar.describe(f"epoch {epoch + 1}/{epochs} loss {stats['loss']:.4f}")
-            if stats["checkpoint"] and not progress:
+                kept = (y >= 0).nonzero().squeeze(1)
+                class_counts += np.bincount(y[kept].numpy(), minlength=len(vocab))
+                class_sums.index_add_(0, y[kept].to(device),
+                                      z.detach().reshape(-1, z.shape[-1]).float().index_select(0, kept.to(device)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach()
+            bar.update(1)
+            bar.note(f"lr {sched.get_last_lr()[0]:.4f}")
+        if writing:
+            cache.mark_complete()
+            cached_complete = True
+        if run_cfg.procrustes:
+            rotate_to_anchors(module, class_sums, torch.from_numpy(class_counts > 0), text,
+                              [opt.state.get(q, {}).get("momentum_buffer") for q in module.head.parameters()])
+        stats = {"loss": total.item() / len(batches), "seconds": time.perf_counter() - t0, "cached": reading,
+                 "checkpoint": (epoch + 1) % every == 0 or epoch + 1 == epochs}
+        # the epoch and its loss ride on the progress display (a small campaign has hundreds of epochs); without
+        # it, one line per checkpoint
+        bar.describe(f"epoch {epoch + 1}/{epochs} loss {stats['loss']:.4f}")
+        if stats["checkpoint"]:
+            if not progress:
                 print(f"train: epoch {epoch + 1}/{epochs} mean loss {stats['loss']:.4f} "
                       f"({stats['seconds']:.1f} s{', features from cache' if reading else ''})", file=sys.stderr)
-            if stats["checkpoint"]:
-                save_checkpoint(ckpt_path, _payload(module, align_cfg, run_cfg, vocab, text, encoders, epoch + 1, thash,
-                                                    campaign, reader.stage1_hash, opt, sched, plan))
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, ckpt_path, stats)
-    finally:
-        bar.close()   # an interrupted run still ends its display with where it stopped
+            save_checkpoint(ckpt_path, _payload(module, align_cfg, run_cfg, vocab, text, encoders, epoch + 1, thash,
+                                                campaign, reader.stage1_hash, opt, sched, plan))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, ckpt_path, stats)
+    bar.close()
     _point_latest(campaign, ckpt_path, thash, epochs)
     return ckpt_path
 
