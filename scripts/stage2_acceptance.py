@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)          # this checkout's fmbseg, here and in the CLI processes it starts
 
 TRAIN_IMAGES, EVAL_IMAGES = 24, 12
 TARGET_MIOU, TARGET_SECONDS = 85.0, 15 * 60
@@ -38,7 +39,8 @@ def _cli(*args: str, log) -> tuple[float, float, str]:
     """Run `fmbseg ARGS` as a child process; -> (wall seconds, CPU seconds, stderr). Raises on failure."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -49,12 +51,13 @@ def _cli(*args: str, log) -> tuple[float, float, str]:
     return wall, cpu, proc.stdout + proc.stderr
 
 
-def run_seed(seed: int, root: str, train_args: list[str], log) -> dict:
+def run_seed(seed: int, root: str, train_args: list[str], log, train_images: int = TRAIN_IMAGES,
+             eval_images: int = EVAL_IMAGES) -> dict:
     from fmbseg.testing.world import write_world
 
     base = os.path.join(root, f"seed{seed}")
     train_world, eval_world, camp = (os.path.join(base, d) for d in ("train-world", "eval-world", "campaign"))
-    for world, n, s in ((train_world, TRAIN_IMAGES, seed), (eval_world, EVAL_IMAGES, seed + 1)):
+    for world, n, s in ((train_world, train_images, seed), (eval_world, eval_images, seed + 1)):
         if not os.path.isfile(os.path.join(world, "classes.txt")):
             write_world(world, n, seed=s)
     if not os.path.isfile(os.path.join(camp, "campaign.json")):
@@ -84,12 +87,14 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default="/tmp/stage2-acceptance", help="where worlds, campaigns and reports go")
     ap.add_argument("--train-args", default="", help="extra `fmbseg train` flags (none for the acceptance)")
     ap.add_argument("--json", help="also write the per-seed results here")
+    ap.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help=f"default {TRAIN_IMAGES} (the acceptance)")
+    ap.add_argument("--eval-images", type=int, default=EVAL_IMAGES, help=f"default {EVAL_IMAGES}")
     args = ap.parse_args(argv)
     os.makedirs(args.root, exist_ok=True)
     rows = []
     with open(os.path.join(args.root, "acceptance.log"), "a") as log:
         for seed in args.seeds:
-            r = run_seed(seed, args.root, shlex.split(args.train_args), log)
+            r = run_seed(seed, args.root, shlex.split(args.train_args), log, args.train_images, args.eval_images)
             rows.append(r)
             ok = r["mIoU"] >= TARGET_MIOU and r["train_wall"] <= TARGET_SECONDS
             print(f"seed {seed}: fmbseg mIoU {r['mIoU']:.2f} %  train wall {r['train_wall']:.0f} s, CPU "
