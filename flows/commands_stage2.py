@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from flows.cli import UsageError
 from flows.settings_flags import add_settings_flags, settings_from_args
@@ -47,7 +48,7 @@ def register(subparsers) -> None:
     e.add_argument("--dataset", required=True, metavar="NAME", help="benchmark name or custom")
     e.add_argument("--data-root", required=True, metavar="DIR", help="the benchmark's folder")
     e.add_argument("--models", required=True, metavar="all|NAME,NAME", help="segmenters to evaluate, or all")
-    e.add_argument("--checkpoint", metavar="CKPT", help="alignment checkpoint (needed by fmbseg)")
+    e.add_argument("--checkpoint", metavar="CKPT|CAMPAIGN", help="alignment checkpoint: model.pt, or a campaign folder (its train/latest.json names the newest) (needed by fmbseg)")
     e.add_argument("--preset", default=None,
                    help="CLIP/SAM preset of maskclip and stage1* (default: the checkpoint's, else base)")
     e.add_argument("--out", required=True, metavar="DIR", help="report folder (several calls accumulate)")
@@ -58,7 +59,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "predict", help="segment images with a trained checkpoint: PNG label maps and overlays",
         description="Writes <stem>.png (class index into the vocabulary), <stem>_overlay.jpg and classes.txt.")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="alignment checkpoint (model.pt)")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT|CAMPAIGN",
+                   help="alignment checkpoint: model.pt, or a campaign folder (its train/latest.json names the newest)")
     p.add_argument("--images", required=True, metavar="PATH", help="folder of images (recursive), an image or a COCO JSON")
     p.add_argument("--vocab", required=True, metavar="VOCAB",
                    help="comma-separated names, a file (`name: synonym, synonym` lines) or a built-in name")
@@ -66,6 +68,19 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+
+
+def _resolve_checkpoint(ref: str) -> str:
+    """--checkpoint as given -> the model.pt it means (a campaign through its train/latest.json)."""
+    from stages.latest_checkpoint import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(ref)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if path != ref:
+        print(f"checkpoint: {path}", file=sys.stderr)
+    return path
 
 
 def _check_device(device: str) -> None:
@@ -96,6 +111,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from stages.evaluate import evaluate, resolve_models
 
     _check_device(args.device)
+    if args.checkpoint:
+        args.checkpoint = _resolve_checkpoint(args.checkpoint)
     if args.preset is not None:
         from fmbseg.presets import get_preset
 
@@ -122,13 +139,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from stages.predict import predict_folder
 
     _check_device(args.device)
+    args.checkpoint = _resolve_checkpoint(args.checkpoint)
     if not os.path.exists(args.images) and "://" not in args.images:
         raise UsageError(f"--images {args.images} does not exist")
     written = predict_folder(args.checkpoint, args.images, args.vocab, args.out, device=args.device,
                              progress=not args.no_progress)
     if not written:  # every image failed (each is listed above): the run did not do its job
-        import sys
-
         print(f"fmbseg predict: error: no image under {args.images} could be segmented (see {args.out}/index.csv)",
               file=sys.stderr)
         return 1

@@ -5,12 +5,15 @@ training inputs it learns from (DESIGN §1, Stage 2).
   nearest-neighbour), centre-crop `size`² -> image (3, size, size) in [0, 1] and label (size, size).
 - `patch_labels(label, patch, num_classes)`: per patch, the plurality label when it covers > 50% of the patch's
   pixels (ignored pixels count in the denominator), else -1.
+- `random_windows(feats, labels, min_fraction, generator)`: the training-time crop of the patch grid (one window
+  size per batch, one offset per image), see docs/STAGE2.md.
 - `AlignmentModule`: one pre-norm transformer block (heads = C/64, at least 1, MLP ratio 4) then a linear map
   to D, output L2-normalised. Input (B, h, w, C) channels-last, output (B, h, w, D).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -162,6 +165,35 @@ def patch_labels(label: np.ndarray, patch: int, num_classes: int, ignore: int = 
     best = counts[:, :num_classes].argmax(1)
     covered = counts[np.arange(h * w), best] * 2 > patch * patch
     return np.where(covered, best, -1).reshape(h, w)
+
+
+def window_sides(grid_hw: tuple[int, int], min_fraction: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((smallest, largest) window height, (smallest, largest) width) in patches for `random_windows`: from
+    ceil(min_fraction x side) (at least 1) to the whole side."""
+    return tuple((min(side, max(1, math.ceil(min_fraction * side - 1e-9))), side) for side in grid_hw)
+
+
+def random_windows(feats: torch.Tensor, labels: torch.Tensor, min_fraction: float,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random window of each image's patch grid: feats (B, h, w, C), labels (B, h, w) -> (B, h', w', C),
+    (B, h', w'), same devices. h' and w' are drawn once per batch (so the batch stays one tensor), independently and
+    uniformly in `window_sides`; each image gets its own offset, uniform over the positions that keep the window
+    inside its grid. `min_fraction` 1 returns the inputs unchanged (and draws nothing). All draws come from
+    `generator` (CPU), so a seeded generator gives the same windows on any device."""
+    if min_fraction >= 1:
+        return feats, labels
+    b, h, w = labels.shape
+    (h_lo, h_hi), (w_lo, w_hi) = window_sides((h, w), min_fraction)
+    wh = int(torch.randint(h_lo, h_hi + 1, (1,), generator=generator))
+    ww = int(torch.randint(w_lo, w_hi + 1, (1,), generator=generator))
+    top = torch.randint(0, h - wh + 1, (b,), generator=generator)
+    left = torch.randint(0, w - ww + 1, (b,), generator=generator)
+    rows = (top[:, None] + torch.arange(wh))[:, :, None]                    # (B, h', 1)
+    cols = (left[:, None] + torch.arange(ww))[:, None, :]                   # (B, 1, w')
+    batch = torch.arange(b)[:, None, None]
+    dev = feats.device
+    return (feats[batch.to(dev), rows.to(dev), cols.to(dev)],
+            labels[batch.to(labels.device), rows.to(labels.device), cols.to(labels.device)])
 
 
 @torch.no_grad()

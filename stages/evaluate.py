@@ -35,6 +35,7 @@ from fmbseg.metrics import ConfusionMatrix
 from fmbseg.segmenters import (SEGMENTER_NAMES, STAGE1_SEGMENTERS, MaskClipSegmenter, SlidingWindow, Stage1Segmenters,
                                TextCache, load_fmbseg)
 from fmbseg.vocab_builtin import COCO_STUFF_91
+from stages.latest_checkpoint import resolve_checkpoint
 from storage.fs import canonical_json, write_file
 
 PROTOCOL = {"short_side": 448, "max_long_side": 2048, "window": 448, "stride": 224, "template": "a photo of a {}.",
@@ -76,6 +77,7 @@ def evaluate(dataset: str, data_root: str, models: Sequence[str] | str, out: str
     from fmbseg.presets import make_clip, make_dino, make_sam, stage1_overrides
     from fmbseg.stage1 import Stage1Config
 
+    checkpoint = resolve_checkpoint(checkpoint) if checkpoint else checkpoint
     names = resolve_models(models, checkpoint)
     ds = open_dataset(dataset, data_root)
     ckpt = load_checkpoint(checkpoint) if "fmbseg" in names else None

@@ -29,6 +29,7 @@ from fmbseg.images import ImageDecodeError, load_image
 from fmbseg.vocab import Vocabulary, parse_vocab
 from stages import models_cache
 from stages.label_pipeline import ExecutionConfig, ShardRows, failure_row, label_entries
+from stages.latest_checkpoint import LATEST
 from storage import faults
 from storage.campaign import CampaignManifest, differing_fields, read_manifest, write_manifest
 from storage.fs import CampaignRoot
@@ -496,10 +497,16 @@ def _failed_images(reader: CampaignReader, done: dict, limit: int = FAILED_SHOWN
 
 
 def _stage2_outputs(root: CampaignRoot) -> dict[str, list[str]]:
-    """What was made from the campaign under its root: checkpoints (`train/*/model.pt`), evaluation reports
+    """What was made from the campaign under its root: checkpoints (`train/*/model.pt`) and the newest one
+    (`train/latest.json`, what `--checkpoint CAMPAIGN` uses), evaluation reports
     (`eval/*/results.md`), label-quality reports (`stats/stats.md`) and pseudo-label pictures (`show/`), as
     campaign-relative paths."""
-    out: dict[str, list[str]] = {"checkpoints": [], "reports": []}
+    out: dict[str, list[str]] = {"checkpoints": [], "reports": [], "latest": []}
+    if root.exists(LATEST):
+        try:
+            out["latest"].append(f"{LATEST} -> {root.read_json(LATEST)['checkpoint']}")
+        except (ValueError, KeyError, TypeError) as e:
+            out["latest"].append(f"{LATEST} unreadable ({e}): the next `fmbseg train` rewrites it")
     for name in root.listdir("train"):
         if root.exists(f"train/{name}/model.pt"):
             out["checkpoints"].append(f"train/{name}/model.pt")
@@ -538,7 +545,7 @@ def format_status(s: dict) -> str:
         if more > 0:
             lines.append(f"  ... {more} more")
     outputs = s.get("outputs") or {}
-    for kind in ("checkpoints", "reports"):
+    for kind in ("latest", "checkpoints", "reports"):
         if outputs.get(kind):
             lines.append(f"{kind:<9} " + ", ".join(outputs[kind]))
     for p in s.get("problems", []):

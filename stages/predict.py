@@ -40,6 +40,7 @@ from fmbseg.overlay import overlay, save_label_png
 from fmbseg.segmenters import load_fmbseg
 from fmbseg.vocab import parse_vocab
 from fmbseg.vocab_builtin import COCO_STUFF_91
+from stages.latest_checkpoint import resolve_checkpoint
 from storage.planning import is_image_name, list_coco_images, list_image_folder
 
 MARKER = ".fmbseg-predict"
@@ -126,12 +127,13 @@ def output_stems(rels: list[str]) -> list[str]:
 
 def predict_folder(checkpoint: str, images: str, vocab: str, out: str, device: str = "auto",
                    progress: bool = True) -> list[str]:
-    """Segment every image; returns the label-map paths written (in input order)."""
+    """Segment every image; returns the label-map paths written (in input order). `checkpoint`: a model.pt path or
+    URL, or a campaign (or its `train/latest`) whose newest finished checkpoint is used (`resolve_checkpoint`)."""
     from fmbseg.device import resolve_device
     from fmbseg.presets import make_clip, make_dino
 
     check_out_folder(images, out)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
     vocabulary = parse_vocab(vocab)
     inputs = list_inputs(images)
     if "://" not in out and "://" not in images:

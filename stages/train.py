@@ -11,7 +11,9 @@ need the step floor. The DINOv2 feature cache (`stages/features_cache.py`) is on
 
 Output: `<campaign>/train/<train-hash>/model.pt` (or `out`), rewritten whole every `checkpoint_every(epochs)`
 epochs (every epoch up to 50) and after the last, with the optimiser, scheduler and RNG state, and
-`model.config.json` beside it (the resolved config). The train hash covers the resolved training settings that
+`model.config.json` beside it (the resolved config). A finished training (or one found already trained) then
+points `<campaign>/train/latest.json` at its checkpoint (`stages/latest_checkpoint.py`), so `--checkpoint
+<campaign>` reaches the newest model without its hash. The train hash covers the resolved training settings that
 change the weights (not the device; the cache choice is covered, since cached features are fp16) and the
 campaign's Stage-1 config hash, so changing a training setting never reruns Stage 1 and rerunning the same
 training reuses its checkpoint. An interrupted run resumes from its last checkpoint and ends with the weights an
@@ -35,17 +37,18 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import fmbseg
-from fmbseg.alignment import (AlignmentConfig, build_alignment, patch_labels, rotate_to_anchors, train_label_view,
-                              train_view)
+from fmbseg.alignment import (AlignmentConfig, build_alignment, patch_labels, random_windows, rotate_to_anchors,
+                              train_label_view, train_view, window_sides)
 from fmbseg.checkpoint import checkpoint_exists, is_finished, load_checkpoint, save_checkpoint
 from fmbseg.device import autocast, resolve_device, synchronize
 from fmbseg.images import load_image
 from fmbseg.losses import tsupcon
 from fmbseg.vocab import Vocabulary
 from stages.features_cache import FeatureCache, encoder_key
+from stages.latest_checkpoint import LATEST, write_latest
+from stages.progress import StepProgress, format_seconds
 from stages.train_config import AUTO_MIN_EPOCHS, AUTO_MIN_STEPS, AUTO_REF_BATCH, AUTO_SIZE_MIN_IMAGES, TrainConfig
 from stages.train_config import auto_epochs, auto_train_size  # noqa: F401 (re-exported)
 from storage.fs import CampaignRoot, canonical_json, write_file
@@ -166,11 +169,6 @@ def _prefetch(items, load: Callable, depth: int = 2):
             yield item, future.result()
 
 
-def _format_seconds(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | None = None,
                     on_epoch_end: Callable[[int, str, dict], None] | None = None, progress: bool = True,
                     dino=None, clip=None) -> str:
@@ -216,6 +214,7 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
                              f"{previous.get('train_hash')}, this one {h}); choose another --out or remove it")
         if is_finished(previous):
             print(f"train: {path} is already trained ({previous['epoch']} epochs, hash {h})", file=sys.stderr)
+            _point_latest(campaign, path, h, int(previous["epoch"]))
             return path
         resume, run_cfg, thash, ckpt_path = previous, c, h, path
         break
@@ -278,7 +277,11 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
     feats = _features(first, data, run_cfg, dino, device, cache if reading_from_start else None)
     synchronize(device)
     t_feat = (time.perf_counter() - t0) / len(first)
-    t_step = _time_one_step(module, run_cfg, feats, labels_all[first], text, device)
+    # timed on a window of the mean size the run draws (the step's cost grows with the square of its patches)
+    (h_lo, h_hi), (w_lo, w_hi) = window_sides((grid, grid), run_cfg.crop_min)
+    mean_h, mean_w = round((h_lo + h_hi) / 2), round((w_lo + w_hi) / 2)
+    t_step = _time_one_step(module, run_cfg, feats[:, :mean_h, :mean_w], labels_all[first][:, :mean_h, :mean_w],
+                            text, device)
     remaining = epochs - start_epoch
     every = checkpoint_every(epochs)
     feature_epochs = 0 if reading_from_start else (min(1, remaining) if cache is not None else remaining)
@@ -287,16 +290,18 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
             "total_steps": total_steps, "images": n, "batch_size": run_cfg.batch_size,
             "rule": f"max({AUTO_MIN_EPOCHS}, ceil({AUTO_MIN_STEPS} / ceil(images / {AUTO_REF_BATCH})))",
             "cache_features": run_cfg.cache_features, "cache_setting": cfg.cache_features,
-            "train_size": run_cfg.train_size, "train_size_setting": cfg.train_size,
+            "train_size": run_cfg.train_size, "train_size_setting": cfg.train_size, "crop_min": run_cfg.crop_min,
             "estimated_seconds": round(estimate, 1), "device": str(device), "checkpoint_every": every}
     why = (f"auto: max({AUTO_MIN_EPOCHS}, >= {AUTO_MIN_STEPS} steps at batch {AUTO_REF_BATCH})"
            if cfg.epochs == "auto" else "as asked")
     size_why = f" (auto: {'>=' if n >= AUTO_SIZE_MIN_IMAGES else '<'} {AUTO_SIZE_MIN_IMAGES} images)" \
         if cfg.train_size == "auto" else ""
+    crop_why = "" if run_cfg.crop_min >= 1 else \
+        f", random windows of {h_lo}-{h_hi} x {w_lo}-{w_hi} of the {grid}x{grid} patches"
     print(f"train: plan: {epochs} epochs ({why}) x {steps_per_epoch} steps = {total_steps} SGD steps; {n} images, "
-          f"batch {run_cfg.batch_size}, {run_cfg.train_size} px{size_why}, features "
+          f"batch {run_cfg.batch_size}, {run_cfg.train_size} px{size_why}{crop_why}, features "
           f"{'cached' if cache is not None else 'recomputed every epoch'} ({cache_why}); estimated "
-          f"{_format_seconds(estimate)} on {device}" + (f" for the {remaining} epochs left" if start_epoch else ""),
+          f"{format_seconds(estimate)} on {device}" + (f" for the {remaining} epochs left" if start_epoch else ""),
           file=sys.stderr)
     if total_steps < MIN_USEFUL_STEPS:
         print(f"train: warning: only {total_steps} SGD steps ({n} images, batch {run_cfg.batch_size}, {epochs} "
@@ -309,9 +314,9 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
                               "plan": plan, "version": fmbseg.__version__})
 
     cached_complete = cache is not None and cache.is_complete()
-    # one bar for the run: a small campaign has hundreds of short epochs
-    bar = tqdm(total=remaining * steps_per_epoch, unit="step", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    # one display for the run (a small campaign has hundreds of short epochs): a bar on a terminal, a few lines
+    # in a log
+    bar = StepProgress(remaining * steps_per_epoch, "train", enabled=progress)
     for epoch in range(start_epoch, epochs):
         reading = cached_complete
         writing = cache is not None and not reading
@@ -321,13 +326,13 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
             cache.create()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(run_cfg.seed * 1_000_003 + epoch)).tolist()
         batches = [order[i:i + run_cfg.batch_size] for i in range(0, n, run_cfg.batch_size)]
-        bar.set_description(f"epoch {epoch + 1}/{epochs}")
         t0 = time.perf_counter()
         total = torch.zeros((), device=device)      # the loss stays on the device: one host sync per epoch
         class_sums = torch.zeros(len(vocab), int(text.shape[1]), device=device)    # this epoch's embeddings
         class_counts = np.zeros(len(vocab), dtype=np.int64)
         load = (lambda idx: cache.read_host(idx, pin=device.type == "cuda")) if reading else \
             (lambda idx: _load_views(data, idx, run_cfg.train_size))
+        windows = torch.Generator().manual_seed(_window_seed(run_cfg.seed, epoch))
         for idx, host in _prefetch(batches, load):
             if reading:
                 feats = host.to(device, non_blocking=True).float()
@@ -336,10 +341,11 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
                 if cache is not None:
                     feats = feats.half().float()   # every epoch sees what the cache holds
                     cache.write(idx, feats)
+            # labels stay on the host: tsupcon drops ignored patches there, without a device sync
+            feats, y = random_windows(feats, labels_all[idx], run_cfg.crop_min, windows)
             with autocast(device):
                 z = module(feats)
-            # labels stay on the host: tsupcon drops ignored patches there, without a device sync
-            y = labels_all[idx].reshape(-1)
+            y = y.reshape(-1)
             loss = tsupcon(z.reshape(-1, z.shape[-1]), y, text, run_cfg.temperature)
             if run_cfg.procrustes:
                 kept = (y >= 0).nonzero().squeeze(1)
@@ -352,7 +358,7 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
             sched.step()
             total += loss.detach()
             bar.update(1)
-            bar.set_postfix(lr=f"{sched.get_last_lr()[0]:.4f}", refresh=False)
+            bar.note(f"lr {sched.get_last_lr()[0]:.4f}")
         if writing:
             cache.mark_complete()
             cached_complete = True
@@ -361,15 +367,33 @@ def train_alignment(campaign: str, cfg: TrainConfig = TrainConfig(), out: str | 
                               [opt.state.get(q, {}).get("momentum_buffer") for q in module.head.parameters()])
         stats = {"loss": total.item() / len(batches), "seconds": time.perf_counter() - t0, "cached": reading,
                  "checkpoint": (epoch + 1) % every == 0 or epoch + 1 == epochs}
+        # the epoch and its loss ride on the progress display (a small campaign has hundreds of epochs); without
+        # it, one line per checkpoint
+        bar.describe(f"epoch {epoch + 1}/{epochs} loss {stats['loss']:.4f}")
         if stats["checkpoint"]:
-            print(f"train: epoch {epoch + 1}/{epochs} mean loss {stats['loss']:.4f} "
-                  f"({stats['seconds']:.1f} s{', features from cache' if reading else ''})", file=sys.stderr)
+            if not progress:
+                print(f"train: epoch {epoch + 1}/{epochs} mean loss {stats['loss']:.4f} "
+                      f"({stats['seconds']:.1f} s{', features from cache' if reading else ''})", file=sys.stderr)
             save_checkpoint(ckpt_path, _payload(module, align_cfg, run_cfg, vocab, text, encoders, epoch + 1, thash,
                                                 campaign, reader.stage1_hash, opt, sched, plan))
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, ckpt_path, stats)
     bar.close()
+    _point_latest(campaign, ckpt_path, thash, epochs)
     return ckpt_path
+
+
+def _point_latest(campaign: str, ckpt_path: str, thash: str, epochs: int) -> None:
+    """Make `<campaign>/train/latest.json` name this finished checkpoint, and say how to use it."""
+    write_latest(campaign, ckpt_path, thash, epochs)
+    print(f"train: {CampaignRoot(campaign).full_url(LATEST)} -> {ckpt_path}; predict and eval accept "
+          f"--checkpoint {campaign}", file=sys.stderr)
+
+
+def _window_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's window draws: its own stream (the shuffle's seed is seed * 1_000_003 + epoch), so a
+    resumed run draws the windows of the uninterrupted one."""
+    return (seed * 1_000_003 + epoch) * 2 + 1
 
 
 def _load_views(data: _TrainSet, idx: list[int], size: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, ClassVar, Literal
 
-from annotated_types import Ge, Gt, Lt
+from annotated_types import Ge, Gt, Le, Lt
 from pydantic import Field, Strict
 
 from fmbseg.settings import AsGiven, Settings, overrides_model
@@ -58,7 +58,9 @@ class TrainConfig(Settings):
     actually ran: cached features are fp16, so a cached run's weights differ (slightly) from an uncached one's and
     the two never share a checkpoint; an explicit setting equal to what "auto" resolves to shares the hash.
     `procrustes`: after every epoch, turn the output space so the epoch's class centroids point at their text
-    anchors (`fmbseg.alignment.rotate_to_anchors`; TSupCon itself is unchanged, see docs/STAGE2.md). Numbers are
+    anchors (`fmbseg.alignment.rotate_to_anchors`; TSupCon itself is unchanged, see docs/STAGE2.md).
+    `crop_min`: every batch trains on a random window of each image's patch grid, its sides drawn in
+    [ceil(crop_min x side), side] (`fmbseg.alignment.random_windows`); 1 = the whole view every time. Numbers are
     hashed as given (`AsGiven`: lr 1 and lr 1.0 are different checkpoints, as they always were)."""
 
     what: ClassVar[str] = "train config"
@@ -81,12 +83,21 @@ class TrainConfig(Settings):
     procrustes: Bool = Field(
         True, description="After each epoch, turn the output space so the class centroids point at their text "
         "anchors (docs/STAGE2.md); false: the paper's plain SGD.")
+    crop_min: Annotated[float, Gt(0), Le(1)] = Field(
+        0.4, description="Each batch trains on random windows of the patch grid, sides drawn from crop_min x the "
+        "grid's side to all of it (fmbseg.alignment.random_windows); 1: always the whole view. Small campaigns "
+        "otherwise learn each class by its images' context (docs/STAGE2.md).")
     device: str = Field("auto", description="auto, cpu or cuda[:N]; not part of the train hash.")
 
     def hashed(self) -> dict:
         if "auto" in (self.epochs, self.train_size, self.cache_features):
             raise ValueError("resolve epochs, train_size and cache_features (TrainConfig.resolved) before hashing")
-        return {k: v for k, v in self.to_dict().items() if k not in UNHASHED}
+        d = {k: v for k, v in self.to_dict().items() if k not in UNHASHED}
+        if d["crop_min"] == 1:
+            # The whole view every step is what checkpoints written before `crop_min` existed did: they keep their
+            # hash under `crop_min=1`.
+            del d["crop_min"]
+        return d
 
     def resolved(self, images: int, cache: bool) -> "TrainConfig":
         """This config with every "auto" resolved for a campaign of `images` images: epochs = auto_epochs(images),

@@ -141,7 +141,8 @@ def test_flow_parameters_accept_dicts_and_refuse_bad_values():
     # the demo's training settings, as the deployment passes them
     assert train_config({"epochs": 250, "train_size": 112, "cache_features": True}, "cpu") == {
         "epochs": 250, "batch_size": 5, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "temperature": 0.1,
-        "train_size": 112, "seed": 0, "cache_features": True, "procrustes": True, "device": "cpu"}
+        "train_size": 112, "seed": 0, "cache_features": True, "procrustes": True, "crop_min": 0.4,
+        "device": "cpu"}
 
 
 def test_label_flow_takes_a_stage1_dict_and_fails_bad_settings_before_any_work(kit, prefect_api, tmp_path):

@@ -6,7 +6,7 @@ import torch
 
 from fmbseg import IGNORE_LABEL
 from fmbseg.alignment import (AlignmentConfig, build_alignment, load_alignment, nearest_resize, patch_labels,
-                              short_side_size, train_view)
+                              random_windows, short_side_size, train_view, window_sides)
 
 
 @pytest.mark.parametrize("c, heads", [(1024, 16), (768, 12), (64, 1), (32, 1), (200, 3 - 1)])
@@ -227,3 +227,34 @@ def test_rotate_to_anchors_is_the_procrustes_rotation_and_keeps_every_patch_simi
     w1 = module.head.weight.clone()
     assert torch.equal(rotate_to_anchors(module, sums, torch.zeros(k, dtype=torch.bool), text), torch.eye(d))
     assert torch.equal(module.head.weight, w1)
+
+
+def test_random_windows_are_sub_grids_of_every_allowed_size_and_place():
+    # features that spell out their own (image, row, col), so each window can be located independently
+    b, h, w = 3, 6, 5
+    grid = torch.stack(torch.meshgrid(torch.arange(b), torch.arange(h), torch.arange(w), indexing="ij"), -1).float()
+    labels = (grid[..., 0] * 100 + grid[..., 1] * 10 + grid[..., 2]).long()
+    assert window_sides((6, 5), 0.4) == ((3, 6), (2, 5))         # ceil(2.4) = 3, ceil(2.0) = 2
+    assert window_sides((16, 16), 0.4) == ((7, 16), (7, 16)) and window_sides((4, 4), 0.01) == ((1, 4), (1, 4))
+    gen = torch.Generator().manual_seed(0)
+    sizes, places = set(), set()
+    for _ in range(400):
+        f, y = random_windows(grid, labels, 0.4, gen)
+        hh, ww = y.shape[1:]
+        sizes.add((hh, ww))
+        for i in range(b):
+            r0, c0 = int(f[i, 0, 0, 1]), int(f[i, 0, 0, 2])
+            places.add((hh, ww, r0, c0))
+            assert torch.equal(f[i], grid[i, r0:r0 + hh, c0:c0 + ww])       # a contiguous block of image i
+            assert torch.equal(y[i], labels[i, r0:r0 + hh, c0:c0 + ww])     # its labels, aligned
+    assert sizes == {(hh, ww) for hh in range(3, 7) for ww in range(2, 6)}  # every size, both sides independent
+    assert {(r0, c0) for hh, ww, r0, c0 in places if (hh, ww) == (3, 2)} == \
+        {(r0, c0) for r0 in range(4) for c0 in range(4)}                     # every offset of a size
+    # the same seed gives the same windows; 1.0 is the whole view and draws nothing
+    a = random_windows(grid, labels, 0.4, torch.Generator().manual_seed(5))
+    c = random_windows(grid, labels, 0.4, torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    gen = torch.Generator().manual_seed(1)
+    state = gen.get_state()
+    f, y = random_windows(grid, labels, 1.0, gen)
+    assert f is grid and y is labels and torch.equal(gen.get_state(), state)

@@ -135,6 +135,14 @@ def test_stored_stage1_dicts_are_unchanged():
 def test_train_hash_of_checkpoints_written_before(case):
     from stages.train import train_hash
 
-    cfg = resolved_train(*TRAIN_CASES[case])
+    settings, images, cache = TRAIN_CASES[case]
+    # Checkpoints written before `crop_min` trained on the whole view every step: `crop_min=1` names them.
+    cfg = resolved_train({**settings, "crop_min": 1}, images, cache)
     assert train_hash(cfg, base_stage1_hash()) == EXPECTED_TRAIN_HASH[case]
-    assert canonical_json(train_dict(cfg)).decode() == EXPECTED_TRAIN_JSON[case]
+    stored = train_dict(cfg)
+    assert stored.pop("crop_min") == 1.0
+    assert canonical_json(stored).decode() == EXPECTED_TRAIN_JSON[case]
+    # Today's default (random windows) is another training, so another checkpoint.
+    windows = resolved_train(settings, images, cache)
+    assert windows.crop_min == 0.4
+    assert train_hash(windows, base_stage1_hash()) != EXPECTED_TRAIN_HASH[case]

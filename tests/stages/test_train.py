@@ -139,6 +139,9 @@ def test_bad_inputs(tmp_path, campaign):
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="cache_features must be true, false or auto"):
         TrainConfig(cache_features="yes")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=r"crop_min must be a number in \(0, 1\]"):
+            TrainConfig(crop_min=bad)
     with pytest.raises(ValueError, match="not a multiple of the DINOv2 patch size 14"):
         train_alignment(str(campaign), TrainConfig(**{**SMALL, "train_size": 50}), out=str(tmp_path / "x.pt"))
 
@@ -161,13 +164,14 @@ def test_auto_epochs_resolve_print_the_plan_and_are_recorded(campaign, tmp_path,
         train_alignment(str(campaign), cfg, out=path, on_epoch_end=stop_at_first_checkpoint, progress=False)
     err = capsys.readouterr().err
     assert "train: plan: 1000 epochs (auto: max(10, >= 2000 steps at batch 5)) x 2 steps = 2000 SGD steps; " \
-           "7 images, batch 5, 56 px, features cached" in err
+           "7 images, batch 5, 56 px, random windows of 2-4 x 2-4 of the 4x4 patches, features cached" in err
     assert "estimated" in err and "warning" not in err
     assert err.index("train: plan:") < err.index("epoch 20/1000")
     ck = load_checkpoint(path)
     assert ck["epoch"] == 20 and ck["epochs"] == 1000
     assert ck["config"]["train"]["epochs"] == 1000 and ck["config"]["train"]["cache_features"] is True
     assert ck["plan"]["epochs_setting"] == "auto" and ck["plan"]["cache_setting"] == "auto"
+    assert ck["plan"]["crop_min"] == 0.4 and ck["config"]["train"]["crop_min"] == 0.4
     assert (ck["plan"]["steps_per_epoch"], ck["plan"]["total_steps"], ck["plan"]["checkpoint_every"]) == (2, 2000, 20)
     assert ck["resume"]["scheduler"]["T_max"] == 2000 and ck["resume"]["scheduler"]["last_epoch"] == 40
     reader = CampaignReader(str(campaign))
