@@ -41,6 +41,10 @@ def register(subparsers) -> None:
     p.add_argument("--dense-mode", default="maskclip", choices=("maskclip", "clearclip", "sclip"),
                    help="dense CLIP features of Stage 1: maskclip (default), clearclip (q-q attention, no residual "
                    "or FFN in the last block) or sclip (q-q + k-k attention); part of the Stage-1 config")
+    p.add_argument("--relabel-store", action="store_true",
+                   help="also keep, per shard, what `fmbseg relabel` needs to relabel the campaign with another "
+                   "vocabulary without the image encoders (relabel.zarr/: CLIP features, SAM embeddings, 1.2 masks; "
+                   "several MiB per image, see docs/STORAGE.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--profile", action="store_true",
                    help="print the per-part time split and the pipeline's idle fractions (GPU waiting for host, "
@@ -131,6 +135,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         allow_outside_root=args.allow_outside_root,
         stage1={} if args.dense_mode == "maskclip" else {"dense_mode": args.dense_mode},
         execution=ExecutionConfig(pipeline=not args.serial, sam_batch=args.sam_batch),
+        relabel_store=args.relabel_store,
     )
     summary = run_label(cfg, rank=args.rank, world_size=args.world_size, retry_failed=args.retry_failed,
                         progress=not args.no_progress)

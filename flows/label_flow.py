@@ -63,12 +63,13 @@ def label_config(
     stage1: dict | None = None,
     overwrite: bool = False,
     allow_outside_root: bool = False,
+    relabel_store: bool = False,
 ) -> dict:
     """The `stages.label.LabelConfig` fields as a plain dict (what tasks receive); validated by building it."""
     cfg = LabelConfig(
         images=images, vocab=vocab, campaign=campaign, preset=preset, shard_size=shard_size, seed=seed,
         device=device, image_root=image_root, stage1=dict(stage1 or {}), overwrite=overwrite,
-        allow_outside_root=allow_outside_root,
+        allow_outside_root=allow_outside_root, relabel_store=relabel_store,
     )
     return dataclasses.asdict(cfg)
 
@@ -199,6 +200,7 @@ def label_campaign(
     cpus_per_shard: float = 1.0,
     ray_init_kwargs: dict | None = None,
     allow_outside_root: bool = False,
+    relabel_store: bool = False,
 ) -> dict:
     """Label every shard of this rank's share of the campaign at `campaign` (local path or fsspec URL).
 
@@ -211,7 +213,8 @@ def label_campaign(
     `images` is a folder or a COCO JSON (`image_root` for its files), `vocab` a comma list, a file or a built-in
     name, `stage1` overrides Stage-1 settings. Shards that fail after `shard_retries` retries (delays
     `retry_delay_seconds` x 1, 2, 4, ...) do not stop the others; the flow fails at the end naming them, and a
-    rerun labels just those. `allow_outside_root`: read COCO file names that leave the image root. Returns the run
+    rerun labels just those. `allow_outside_root`: read COCO file names that leave the image root. `relabel_store`:
+    keep what `relabel-campaign` needs (docs/STORAGE.md "Relabel store"). Returns the run
     summary (see `flows.artifacts.summarize_label_results`) with
     `shard_ids`, `labeled`, `skipped` and `failed` shard lists."""
     logger = get_run_logger()
@@ -223,7 +226,7 @@ def label_campaign(
         raise ValueError("runner='ray' labels the whole campaign from one flow run: leave rank=0, world_size=1 "
                          "(Ray places the shards on the cluster's workers)")
     config = label_config(images, vocab, campaign, preset, shard_size, seed, device, image_root, stage1, overwrite,
-                          allow_outside_root)
+                          allow_outside_root, relabel_store=relabel_store)
     all_shards = plan_task(config)
     mine = [int(s) for s in shards_for_rank(all_shards, rank, world_size)]
     logger.info("campaign %s: %d shards planned, rank %d/%d labels %d of them",
