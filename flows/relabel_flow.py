@@ -35,7 +35,7 @@ def relabel_campaign(campaign: str, vocab: str, out: str, device: str = "auto") 
     """Relabel `campaign` (labelled with `relabel_store=True`) with the vocabulary `vocab` into the new campaign
     `out`: identical to a full label-campaign run with `vocab`, reading the kept features instead of running the
     image encoders. Shards that fail after retries do not stop the others; the flow then fails naming them and a
-    rerun relabels just those. Returns the summary of `stages.relabel.summarize_relabel` (+ `failed`)."""
+    rerun relabels just those. Returns the summary of `stages.relabel.summarize_relabel` (+ `failed_shards`)."""
     logger = get_run_logger()
     cfg = RelabelConfig(campaign=campaign, vocab=vocab, out=out, device=device)
     shard_ids = plan_relabel_task(campaign, vocab, out)
@@ -49,7 +49,7 @@ def relabel_campaign(campaign: str, vocab: str, out: str, device: str = "auto") 
             failed.append(sid)
             logger.error("shard %06d failed after retries: %s", sid, state.message)
     summary = summarize_relabel(cfg, results, time.perf_counter() - t0)
-    summary["failed"] = failed
+    summary["failed_shards"] = failed
     logger.info("relabel summary: %s", summary)
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(shard_ids)} shards failed after retries: {failed}; rerun the "
