@@ -192,3 +192,19 @@ def test_the_store_is_verified_like_every_committed_file(tmp_path):
     label(tmp_path / "w", tmp_path / "c", SOURCE_VOCAB, "oracle", relabel_store=True)
     assert verify_campaign(str(tmp_path / "c"))["clean"]
     assert relabel_shard(str(tmp_path / "c"), str(tmp_path / "c2"), 0, "cpu")["ok"] == 2
+
+
+def test_serial_and_pipelined_label_keep_the_same_store(tmp_path):
+    from stages.label_pipeline import ExecutionConfig
+
+    write_world(tmp_path / "w", 3, seed=4, sizes=((96, 128), (120, 80)), formats=("png",))
+    label(tmp_path / "w", tmp_path / "pipe", SOURCE_VOCAB, "oracle", relabel_store=True)
+    label(tmp_path / "w", tmp_path / "serial", SOURCE_VOCAB, "oracle", relabel_store=True,
+          execution=ExecutionConfig(pipeline=False))
+    files = sorted(p.relative_to(tmp_path / "pipe") for p in (tmp_path / "pipe" / "relabel.zarr").rglob("*")
+                   if p.is_file())
+    assert len(files) > 10
+    assert files == sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial" / "relabel.zarr")
+                           .rglob("*") if p.is_file())
+    for f in files:
+        assert (tmp_path / "pipe" / f).read_bytes() == (tmp_path / "serial" / f).read_bytes(), f
