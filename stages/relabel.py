@@ -27,7 +27,6 @@ the same attempt/commit protocol (storage/shard_writer.py).
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections import Counter
@@ -124,8 +123,9 @@ def plan_relabel(cfg: RelabelConfig) -> list[int]:
 
 
 def _source_shard(src: CampaignRoot, manifest: CampaignManifest, shard_id: int, campaign: str
-                  ) -> tuple[DoneMarker, list[dict], dict[str, dict]] | None:
-    """C's committed shard: (marker, its `images` rows, its relabel store by image id); None when not committed."""
+                  ) -> tuple[DoneMarker, list[dict], dict[str, bytes], dict[str, dict]] | None:
+    """C's committed shard: (marker, its `images` rows, its relabel store's files (group-relative key -> bytes) and
+    their content by image id); None when not committed."""
     marker = read_done_or_none(src, shard_id)
     if marker is None or marker.stage1_hash != manifest.stage1_hash():
         return None
@@ -133,9 +133,8 @@ def _source_shard(src: CampaignRoot, manifest: CampaignManifest, shard_id: int, 
         raise _unavailable(campaign, f"has no relabel store in shard {shard_id} (its done marker names none)")
     rows = parquet_bytes_to_table(read_committed(src, marker, images_path(shard_id))).to_pylist()
     prefix = relabel_file_prefix(shard_id)
-    store = read_relabel_group({rel[len(prefix):]: read_committed(src, marker, rel) for rel in marker.files
-                                if rel.startswith(prefix)})
-    return marker, rows, store
+    files = {rel[len(prefix):]: read_committed(src, marker, rel) for rel in marker.files if rel.startswith(prefix)}
+    return marker, rows, files, read_relabel_group(files)
 
 
 def _embedder(sam, entry: ImageEntry, hw: tuple[int, int], timings: dict) -> Callable:
@@ -189,7 +188,7 @@ def relabel_shard(campaign: str, out: str, shard_id: int, device: str = "auto", 
     source = _source_shard(src, src_manifest, shard_id, campaign)
     if source is None:
         return {**base, "missing": True}
-    src_marker, src_rows, store = source
+    src_marker, src_rows, store_files, store = source
     config = stage1_config_from_manifest(src_manifest)
     clip, sam = models_cache.get_models(src_manifest.preset, device, config.dense_mode)
     if _model_record(clip, sam) != src_manifest.models:
@@ -205,8 +204,8 @@ def relabel_shard(campaign: str, out: str, shard_id: int, device: str = "auto", 
 
     from fmbseg.stage1 import relabel_stage1
 
-    acc = ShardRows(vocab.names, keep=functools.partial(kept_to_arrays, sam=sam))
-    new_sam = 0
+    acc = ShardRows(vocab.names, keep=lambda kept: kept)  # arrays made at the commit, only for what changed
+    fresh: set[str] = set()  # images that got their SAM pass now
     for row in src_rows:
         entry = entries.get(row["image_id"]) or ImageEntry(row["image_id"], row["path"])
         if row["status"] != "ok":  # no kept results: the failure stands (its kind is counted from C's marker)
@@ -222,7 +221,8 @@ def relabel_shard(campaign: str, out: str, shard_id: int, device: str = "auto", 
                                         _embedder(sam, entry, hw, timings))
                 for k, v in result.timings.items():
                     timings[k] += v
-                new_sam += kept.embedding is None and result.kept.embedding is not None
+                if kept.embedding is None and result.kept.embedding is not None:
+                    fresh.add(entry.image_id)
                 t1 = time.perf_counter()
                 acc.add_ok(entry, hw, result.masks, result.selected, result.label, result.kept)
                 timings["storage"] += time.perf_counter() - t1
@@ -237,13 +237,17 @@ def relabel_shard(campaign: str, out: str, shard_id: int, device: str = "auto", 
     reasons = Counter(src_marker.failure_reasons)
     reasons.update(r.pop("_kind") for r in acc.rows if "_kind" in r)
     names = list(vocab.names)
+    if not fresh and acc.kept_ids == [r["image_id"] for r in src_rows if r["status"] == "ok"]:
+        relabel_files = store_files  # the same arrays of the same images: the same bytes
+    else:
+        records = [kept_to_arrays(k, sam) if i in fresh else store[i] for i, k in zip(acc.kept_ids, acc.kept)]
+        relabel_files = build_relabel_group(acc.kept_ids, records, shard_id)
     committed = commit_shard(root, shard_id, out_hash, images_table(acc.rows, names), masks_table(acc.cols, names),
                              acc.labels, failure_reasons=dict(reasons), seconds=time.perf_counter() - t_start,
-                             code_version=fmbseg.__version__,
-                             relabel_files=build_relabel_group(acc.kept_ids, acc.kept, shard_id))
+                             code_version=fmbseg.__version__, relabel_files=relabel_files)
     timings["storage"] += time.perf_counter() - t_store
     return {**base, "images": committed.images, "ok": committed.ok, "failed": committed.failed,
-            "masks": committed.masks, "new_sam_passes": int(new_sam),
+            "masks": committed.masks, "new_sam_passes": len(fresh),
             "seconds": round(time.perf_counter() - t_start, 4), "timings": timings}
 
 
