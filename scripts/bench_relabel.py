@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=2, help="number of world images (default 2)")
     ap.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"), help="image size")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--preset", default="base", choices=("base", "tiny"),
+                    help="architectures, random weights (default base: full width; tiny: a quick smoke run)")
     ap.add_argument("--points-per-side", type=int, default=32, help="Stage-1.2 grid (default 32, DESIGN §1)")
     ap.add_argument("--keep-filters", action="store_true",
                     help="keep the default IoU/stability filters (random weights then leave few masks; by default "
@@ -85,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         write_world(work / "world", args.images, seed=0, sizes=(tuple(args.size),), formats=("jpg", "png"))
         t = time.perf_counter()
-        clip = make_clip("base", device, random_init=True)
-        sam = make_sam("base", device, random_init=True)
+        clip = make_clip(args.preset, device, random_init=True)
+        sam = make_sam(args.preset, device, random_init=True)
         print(f"built {clip.model_id} + {sam.model_id} (random init) on {device} in {time.perf_counter() - t:.1f} s")
-        models_cache.register_models("base", device, clip, sam)
+        models_cache.register_models(args.preset, device, clip, sam)
         stage1 = {"points_per_side": args.points_per_side}
         if not args.keep_filters:
             stage1.update(pred_iou_thresh=0.0, stability_score_thresh=0.0)
-        common = dict(images=str(work / "world" / "images"), preset="base", device=str(device), stage1=stage1,
+        common = dict(images=str(work / "world" / "images"), preset=args.preset, device=str(device), stage1=stage1,
                       relabel_store=True)
         t = time.perf_counter()
         s = run_label(LabelConfig(vocab=SOURCE_VOCAB, campaign=str(work / "c"), **common), progress=False)
