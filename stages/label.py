@@ -148,8 +148,6 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
         if manifest.relabel_store and not old.relabel_store:
             # Every shard keeps the store or none does: the shards labelled so far have none.
             diff.append("relabel_store: false -> true (the shards labelled so far kept no relabel store)")
-        elif old.relabel_store:
-            manifest.relabel_store = True  # once a campaign keeps the store, its later shards keep it too
         moved = (old.inputs.get("images") != manifest.inputs["images"]
                  or old.inputs.get("image_root") != manifest.inputs["image_root"])
         if (diff or moved) and cfg.overwrite:
@@ -174,6 +172,7 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
             manifest.inputs["root"] = None  # planned before relative paths: its lists hold absolute paths
         if old is not None:
             manifest.stage1 = old.stage1  # the same meaning: keep the stored dict, and so the campaign's hash
+            manifest.relabel_store = old.relabel_store  # once a campaign keeps the store, its later shards do too
     if old is None or old.to_json() != manifest.to_json():
         write_manifest(root, manifest)
     try:

@@ -142,6 +142,20 @@ def test_campaign_without_the_store_gets_the_clear_error(tmp_path):
     # Asking for the store on a campaign labelled without it is a changed config (every shard or none keeps it).
     with pytest.raises(ValueError, match="relabel_store: false -> true"):
         label(tmp_path / "w", tmp_path / "old", SOURCE_VOCAB, "oracle", relabel_store=True)
+    # --overwrite relabels it from scratch with the store; a later run without the flag keeps writing it.
+    label(tmp_path / "w", tmp_path / "old", SOURCE_VOCAB, "oracle", relabel_store=True, overwrite=True)
+    assert (tmp_path / "old" / "relabel.zarr" / "000000" / "zarr.json").is_file()
+    label(tmp_path / "w", tmp_path / "old", SOURCE_VOCAB, "oracle")
+    import json
+
+    assert json.loads((tmp_path / "old" / "campaign.json").read_text())["relabel_store"] is True
+    s = run_relabel(RelabelConfig(campaign=str(tmp_path / "old"), vocab="red", out=str(tmp_path / "c2"),
+                                  device="cpu"), progress=False)
+    assert s["ok"] == 2
+    # --overwrite with another config and without the flag drops the store with the other outputs.
+    label(tmp_path / "w", tmp_path / "old", "red,blue", "oracle", overwrite=True)
+    assert not (tmp_path / "old" / "relabel.zarr").exists()
+    assert "relabel_store" not in json.loads((tmp_path / "old" / "campaign.json").read_text())
 
 
 def test_relabel_resumes_after_an_interruption(tmp_path, monkeypatch):
