@@ -184,7 +184,7 @@ def _label_on_ray(args: argparse.Namespace) -> int:
             stage1={} if args.dense_mode == "maskclip" else {"dense_mode": args.dense_mode},
             overwrite=args.overwrite, retry_failed=args.retry_failed, runner="ray", ray_address=args.ray_address,
             gpus_per_shard=args.gpus_per_shard, cpus_per_shard=args.cpus_per_shard,
-            allow_outside_root=args.allow_outside_root,
+            allow_outside_root=args.allow_outside_root, relabel_store=args.relabel_store,
         )
     print(f"campaign   {s['campaign']}  (runner ray, {len(s['workers'])} worker processes)\n"
           f"shards     {s['shards']}: {s['shards_labeled']} labelled, {s['shards_skipped']} already done\n"
