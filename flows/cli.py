@@ -27,7 +27,7 @@ import traceback
 import fmbseg
 
 # Modules that register subcommands, in the order `fmbseg --help` lists them.
-COMMAND_MODULES = ("flows.commands_label", "flows.commands_stage2", "flows.commands_export", "flows.commands_stats",
+COMMAND_MODULES = ("flows.commands_label", "flows.commands_relabel", "flows.commands_stage2", "flows.commands_export", "flows.commands_stats",
                    "flows.commands_weights", "flows.commands_deploy", "flows.demo")
 
 

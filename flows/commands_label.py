@@ -40,6 +40,10 @@ def register(subparsers) -> None:
     p.add_argument("--relocate", metavar="NEW_ROOT",
                    help="only repoint the campaign at images that moved to NEW_ROOT (same relative paths; every "
                    "image checked by size), then exit")
+    p.add_argument("--relabel-store", action="store_true",
+                   help="also keep, per shard, what `fmbseg relabel` needs to relabel the campaign with another "
+                   "vocabulary without the image encoders (relabel.zarr/: CLIP features, SAM embeddings, 1.2 masks; "
+                   "several MiB per image, see docs/STORAGE.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--profile", action="store_true",
                    help="print the per-part time split and the pipeline's idle fractions (GPU waiting for host, "
@@ -135,6 +139,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         allow_outside_root=args.allow_outside_root,
         stage1=args.stage1,
         execution=ExecutionConfig(pipeline=not args.serial, sam_batch=args.sam_batch),
+        relabel_store=args.relabel_store,
     )
     summary = run_label(cfg, rank=args.rank, world_size=args.world_size, retry_failed=args.retry_failed,
                         progress=not args.no_progress)
@@ -195,7 +200,7 @@ def _label_on_ray(args: argparse.Namespace) -> int:
             stage1=args.stage1,
             overwrite=args.overwrite, retry_failed=args.retry_failed, runner="ray", ray_address=args.ray_address,
             gpus_per_shard=args.gpus_per_shard, cpus_per_shard=args.cpus_per_shard,
-            allow_outside_root=args.allow_outside_root,
+            allow_outside_root=args.allow_outside_root, relabel_store=args.relabel_store,
         )
     print(f"campaign   {s['campaign']}  (runner ray, {len(s['workers'])} worker processes)\n"
           f"shards     {s['shards']}: {s['shards_labeled']} labelled, {s['shards_skipped']} already done\n"

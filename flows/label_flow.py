@@ -67,6 +67,7 @@ def label_config(
     stage1: Stage1Overrides | dict | None = None,
     overwrite: bool = False,
     allow_outside_root: bool = False,
+    relabel_store: bool = False,
 ) -> dict:
     """The `stages.label.LabelConfig` fields as a plain dict (what tasks receive). The Stage-1 overrides are
     validated on top of the preset's (`build_stage1_config`), so a bad setting fails here, before any work."""
@@ -75,7 +76,7 @@ def label_config(
     cfg = LabelConfig(
         images=images, vocab=vocab, campaign=campaign, preset=preset, shard_size=shard_size, seed=seed,
         device=device, image_root=image_root, stage1=overrides, overwrite=overwrite,
-        allow_outside_root=allow_outside_root,
+        allow_outside_root=allow_outside_root, relabel_store=relabel_store,
     )
     return dataclasses.asdict(cfg)
 
@@ -216,6 +217,7 @@ def label_campaign(
     cpus_per_shard: Annotated[float, Ge(0)] = 1.0,
     ray_init_kwargs: dict | None = None,
     allow_outside_root: bool = False,
+    relabel_store: bool = False,
 ) -> dict:
     """Label every shard of this rank's share of the campaign (Stage 1: CLIP + SAM pseudo-labels).
 
@@ -252,6 +254,8 @@ def label_campaign(
         cpus_per_shard: With runner ray: CPUs each shard task asks for.
         ray_init_kwargs: With runner ray: more `ray.init` arguments, e.g. a runtime_env.
         allow_outside_root: Read COCO file names that leave the image root (../, absolute paths, symlinks out).
+        relabel_store: Also keep, per shard, what relabel-campaign needs to relabel the campaign with another
+            vocabulary without the image encoders (several MiB per image; docs/STORAGE.md "Relabel store").
     """
     logger = get_run_logger()
     check_runner(runner)
@@ -262,7 +266,7 @@ def label_campaign(
         raise ValueError("runner='ray' labels the whole campaign from one flow run: leave rank=0, world_size=1 "
                          "(Ray places the shards on the cluster's workers)")
     config = label_config(images, vocab, campaign, preset, shard_size, seed, device, image_root, stage1, overwrite,
-                          allow_outside_root)
+                          allow_outside_root, relabel_store=relabel_store)
     all_shards = plan_task(config)
     mine = [int(s) for s in shards_for_rank(all_shards, rank, world_size)]
     logger.info("campaign %s: %d shards planned, rank %d/%d labels %d of them",

@@ -4,7 +4,7 @@ The library: model adapters, the per-image Stage-1 algorithm, the alignment modu
 segmenters, vocabularies, presets and the synthetic world. It imports nothing else of the repository.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Label maps are uint16; pixels no selected mask covers carry this value.
 IGNORE_LABEL = 65535

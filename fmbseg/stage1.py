@@ -11,7 +11,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,19 @@ class Stage1Result:
     selected: np.ndarray
     label: np.ndarray
     timings: dict[str, float]
+    kept: "Stage1Kept | None" = None  # with run_stage1(keep=True): what a relabel needs (Stage1Kept)
+
+
+@dataclass
+class Stage1Kept:
+    """What Stage 1 computed for one image that does not depend on the vocabulary, i.e. what a relabel with another
+    vocabulary reads instead of running the image encoders: the sliding-window features (crop CLS, dense map,
+    geometry), and, when the image got a SAM pass, its SAM embedding and its 1.2 automatic masks
+    `autos = [(mask (H, W) bool, sam_score)]` in SAM order (`embedding` and `autos` are both None otherwise)."""
+
+    features: SlidingFeatures
+    embedding: SamEmbedding | None = None
+    autos: list[tuple[np.ndarray, float]] | None = None
 
 
 def selection_rng(seed: int, image_id: str) -> np.random.Generator:
@@ -157,21 +170,35 @@ def detect_classes(sf: SlidingFeatures, text: torch.Tensor, config: Stage1Config
     return Detection(features=sf, text=text, detected=detected, points=points)
 
 
-def sam_candidates(sam: SamModel, emb: SamEmbedding, det: Detection,
-                   config: Stage1Config) -> list[tuple[int, np.ndarray, float, str]]:
-    """Phase 3 (after the SAM encoder): the decoder calls of 1.1 and 1.2 on one embedding -> non-empty candidates
-    `(class_id or -1, mask (H, W) bool, sam_score, stage)`, all 1.1 (class order) then all 1.2 (SAM order)."""
-    # Stage 1.1, SAM: all detected classes' point sets in one decoder call; keep the output with the highest
-    # predicted IoU among `config.point_outputs` (a tie goes to the first: token 0 under `all4`).
+def point_candidates(sam: SamModel, emb: SamEmbedding, det: Detection,
+                     config: Stage1Config) -> list[tuple[int, np.ndarray, float, str]]:
+    """Stage 1.1's decoder call: all detected classes' point sets in one call -> `(class_id, mask (H, W) bool,
+    sam_score, "1.1")` per detected class, in class order (empty masks included)."""
+    # Keep the output with the highest predicted IoU among `config.point_outputs` (a tie goes to the first: token 0
+    # under `all4`).
     m11, iou11 = sam.predict_points(emb, det.points, config.point_outputs)
     iou11 = np.asarray(iou11, dtype=np.float32)
     best = iou11.argmax(1)
     # Copies, so the result does not keep the whole (N, M, H, W) array alive.
-    cand = [(k, np.array(m11[i, best[i]], dtype=bool), float(iou11[i, best[i]]), STAGE_11)
+    return [(k, np.array(m11[i, best[i]], dtype=bool), float(iou11[i, best[i]]), STAGE_11)
             for i, k in enumerate(det.detected)]
-    # Stage 1.2: automatic masks from the same embedding.
-    autos = sam.generate(emb, config.auto_mask_config())
-    cand += [(-1, a.segmentation, float(a.predicted_iou), STAGE_12) for a in autos]
+
+
+def auto_candidates(sam: SamModel, emb: SamEmbedding, config: Stage1Config) -> list[tuple[np.ndarray, float]]:
+    """Stage 1.2's automatic masks from the embedding -> `(mask (H, W) bool, sam_score)` in SAM order. They do not
+    depend on the vocabulary: a campaign's relabel store keeps them (stages/relabel.py)."""
+    return [(a.segmentation, float(a.predicted_iou)) for a in sam.generate(emb, config.auto_mask_config())]
+
+
+def sam_candidates(sam: SamModel, emb: SamEmbedding, det: Detection, config: Stage1Config,
+                   autos: Sequence[tuple[np.ndarray, float]] | None = None) -> list[tuple[int, np.ndarray, float, str]]:
+    """Phase 3 (after the SAM encoder): the decoder calls of 1.1 and 1.2 on one embedding -> non-empty candidates
+    `(class_id or -1, mask (H, W) bool, sam_score, stage)`, all 1.1 (class order) then all 1.2 (SAM order).
+    `autos`: the 1.2 masks (`auto_candidates`) when they are already known (kept, or read back by relabel)."""
+    cand = point_candidates(sam, emb, det, config)
+    if autos is None:
+        autos = auto_candidates(sam, emb, config)
+    cand += [(-1, m, s, STAGE_12) for m, s in autos]
     return [c for c in cand if c[1].any()]
 
 
@@ -215,14 +242,16 @@ def run_stage1(
     config: Stage1Config,
     seed: int,
     image_id: str,
+    keep: bool = False,
 ) -> Stage1Result:
     """Stage 1 of one image (DESIGN §1): the phases `detect_classes` (after the sliding-window CLIP pass),
     `sam.embed`, `sam_candidates`, `label_candidates`, `merge_masks` in order (stages/label_pipeline.py batches
     the same phases across images).
 
     image: (H, W, 3) uint8 RGB, upright. text: (K, D) class text embeddings (made with `config.templates`;
-    normalised here again). `clip` must have been built with `config.dense_mode` (checked when it says). Masks with no pixel are dropped. Images with no detected class get no masks (and no
-    SAM pass)."""
+    normalised here again). `clip` must have been built with `config.dense_mode` (checked when it says). Masks with
+    no pixel are dropped. Images with no detected class get no masks (and no SAM pass). `keep`: also return the
+    vocabulary-independent results (`Stage1Result.kept`, see `Stage1Kept`)."""
     check_stage1_inputs(image, clip, text, config, seed, image_id)
     H, W = image.shape[:2]
     clock = _Clock([clip.device, sam.device])
@@ -231,16 +260,61 @@ def run_stage1(
     sf = sliding_window_features(clip, image, config.upscale, config.max_side, config.clip_batch_size)
     det = detect_classes(sf, text, config)
     clock.lap("clip")
+    kept = Stage1Kept(sf) if keep else None
 
     masks: list[Stage1Mask] = []
     if det.detected:
         emb = sam.embed(image)
         clock.lap("sam_encoder")
-        cand = sam_candidates(sam, emb, det, config)
+        autos = auto_candidates(sam, emb, config) if keep else None
+        cand = sam_candidates(sam, emb, det, config, autos)
+        clock.lap("sam_decoder")
+        masks = label_candidates(cand, det, config)
+        if keep:
+            kept.embedding, kept.autos = emb, autos
+    selected, label = merge_masks(masks, H, W, config, seed, image_id)
+    clock.lap("labeling")
+    timings.update(clock.times)
+    return Stage1Result(height=H, width=W, detected=det.detected, masks=masks, selected=selected, label=label,
+                        timings=timings, kept=kept)
+
+
+def relabel_stage1(
+    kept: Stage1Kept,
+    sam: SamModel,
+    text: torch.Tensor,
+    config: Stage1Config,
+    seed: int,
+    image_id: str,
+    embed: Callable[[], SamEmbedding] | None = None,
+) -> Stage1Result:
+    """Stage 1 of one image from its kept vocabulary-independent results (`Stage1Kept`) and a new vocabulary's
+    `text (K, D)`: detection, 1.1 points, the 1.1 decoder call on the kept SAM embedding, the kept 1.2 masks
+    labelled against the new text, the merge. Equal to `run_stage1` with the same text on the same image and device
+    (the same phases on the same values). An image that had no SAM pass but now detects a class gets one:
+    `embed()` (which must return what `sam.embed(image)` returns) and `auto_candidates`; the returned
+    `Stage1Result.kept` then holds them. Timings: sam_encoder (that pass), sam_decoder, labeling."""
+    sf = kept.features
+    H, W = sf.image_hw
+    clock = _Clock([sf.dense.device, sam.device])
+    timings = {"clip": 0.0, "sam_encoder": 0.0, "sam_decoder": 0.0, "labeling": 0.0}
+    det = detect_classes(sf, text, config)
+    clock.lap("clip")
+    out = Stage1Kept(sf, kept.embedding, kept.autos)
+    masks: list[Stage1Mask] = []
+    if det.detected:
+        if out.embedding is None:
+            if embed is None:
+                raise ValueError(f"image {image_id} had no SAM pass and relabel_stage1 was given no `embed`")
+            out.embedding = embed()
+            clock.lap("sam_encoder")
+        if out.autos is None:
+            out.autos = auto_candidates(sam, out.embedding, config)
+        cand = sam_candidates(sam, out.embedding, det, config, out.autos)
         clock.lap("sam_decoder")
         masks = label_candidates(cand, det, config)
     selected, label = merge_masks(masks, H, W, config, seed, image_id)
     clock.lap("labeling")
     timings.update(clock.times)
     return Stage1Result(height=H, width=W, detected=det.detected, masks=masks, selected=selected, label=label,
-                        timings=timings)
+                        timings=timings, kept=out)

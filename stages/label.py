@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from typing import Callable
 
 import fmbseg
 from fmbseg.images import ImageDecodeError, load_image
+from fmbseg.kept import kept_to_arrays
 from fmbseg.vocab import Vocabulary, parse_vocab
 from stages import models_cache
 from stages.label_pipeline import ExecutionConfig, ShardRows, failure_row, label_entries
@@ -38,6 +40,7 @@ from storage.markers import CorruptMarker, read_done, read_done_or_none, scan_ma
 from storage.planning import (PlanDamaged, append_shards, damaged_lists, input_root, list_inputs, outside_root,
                               planned_shards, read_shard)
 from storage.reader import CampaignReader
+from storage.relabel_store import build_relabel_group
 from storage.shard_writer import ShardDamaged, commit_shard, needs_publish, publish, uncommit
 from storage.tables import images_table, masks_table
 
@@ -63,6 +66,9 @@ class LabelConfig:
     # How images run (pipelined or serial, prefetch depth, SAM batch): never recorded, never changes outputs.
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     allow_outside_root: bool = False  # read COCO file names that leave the image root (`../`, absolute, symlinks)
+    # Keep, per shard, what `fmbseg relabel` needs (relabel.zarr/, docs/STORAGE.md "Relabel store"); recorded in
+    # campaign.json, so every shard of the campaign keeps it.
+    relabel_store: bool = False
 
     def __post_init__(self):
         if isinstance(self.execution, dict):  # a config that travelled as JSON (flows pass plain dicts)
@@ -131,6 +137,7 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
             "root": image_root,  # shard lists store paths relative to this
             "allow_outside_root": bool(cfg.allow_outside_root),
         },
+        relabel_store=bool(cfg.relabel_store),
     )
     root = CampaignRoot(cfg.campaign)
     old = read_manifest(root)
@@ -139,6 +146,9 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
         # can be extended with the settings it was labelled with.
         diff = differing_fields(dataclasses.replace(old, stage1=stage1_config_from_manifest(old).to_dict()),
                                 manifest)
+        if manifest.relabel_store and not old.relabel_store:
+            # Every shard keeps the store or none does: the shards labelled so far have none.
+            diff.append("relabel_store: false -> true (the shards labelled so far kept no relabel store)")
         moved = (old.inputs.get("images") != manifest.inputs["images"]
                  or old.inputs.get("image_root") != manifest.inputs["image_root"])
         if (diff or moved) and cfg.overwrite:
@@ -163,6 +173,7 @@ def plan_campaign(cfg: LabelConfig) -> list[int]:
             manifest.inputs["root"] = None  # planned before relative paths: its lists hold absolute paths
         if old is not None:
             manifest.stage1 = old.stage1  # the same meaning: keep the stored dict, and so the campaign's hash
+            manifest.relabel_store = old.relabel_store  # once a campaign keeps the store, its later shards do too
     if old is None or old.to_json() != manifest.to_json():
         write_manifest(root, manifest)
     try:
@@ -257,6 +268,7 @@ def label_shard(
         )
     vocab = Vocabulary.from_json(manifest.vocabulary)
     text = models_cache.text_embeddings(clip, vocab, config.templates)
+    keep = manifest.relabel_store
     if marker is not None or corrupt:
         # A deliberate relabel (retry, another config, a corrupt marker or shard): out of the committed view first.
         uncommit(root, shard_id, expect=marker)
@@ -264,7 +276,7 @@ def label_shard(
     t_start = time.perf_counter()
     timings = dict.fromkeys(TIMING_KEYS, 0.0)
     execution = execution or ExecutionConfig()
-    acc = ShardRows(vocab.names)
+    acc = ShardRows(vocab.names, keep=functools.partial(kept_to_arrays, sam=sam) if keep else None)
     stats = None
     if execution.pipeline:
         # Decode/prepare ahead and merge/RLE behind the model work, same rows in the same order.
@@ -278,14 +290,14 @@ def label_shard(
                 image = load_image(entry.path)
                 hw = image.shape[:2]
                 timings["decode"] += time.perf_counter() - t0
-                result = run_stage1(image, clip, sam, text, config, manifest.seed, entry.image_id)
+                result = run_stage1(image, clip, sam, text, config, manifest.seed, entry.image_id, keep=keep)
                 for k, v in result.timings.items():
                     if k in timings:
                         timings[k] += v
                 t1 = time.perf_counter()
                 if (result.height, result.width) != tuple(hw):
                     raise RuntimeError(f"Stage 1 returned a {result.label.shape} label map for a {hw} image")
-                acc.add_ok(entry, hw, result.masks, result.selected, result.label)
+                acc.add_ok(entry, hw, result.masks, result.selected, result.label, result.kept)
                 timings["storage"] += time.perf_counter() - t1
             except ImageDecodeError as e:
                 timings["decode"] += time.perf_counter() - t0
@@ -303,7 +315,8 @@ def label_shard(
     names = list(vocab.names)
     marker = commit_shard(root, shard_id, stage1_hash, images_table(rows, names), masks_table(cols, names), labels,
                           failure_reasons=dict(failure_reasons), seconds=time.perf_counter() - t_start,
-                          code_version=fmbseg.__version__)
+                          code_version=fmbseg.__version__,
+                          relabel_files=build_relabel_group(acc.kept_ids, acc.kept, shard_id) if keep else None)
     timings["storage"] += time.perf_counter() - t_store
     return {"shard_id": shard_id, "images": marker.images, "ok": marker.ok, "failed": marker.failed,
             "masks": marker.masks, "seconds": round(time.perf_counter() - t_start, 4), "skipped": False,

@@ -107,20 +107,32 @@ def failure_row(entry, reason: str, kind: str, hw: tuple[int, int] | None) -> di
 
 
 class ShardRows:
-    """The rows of one shard as they accumulate: `rows` (images table), `cols` (masks table), `labels`."""
+    """The rows of one shard as they accumulate: `rows` (images table), `cols` (masks table), `labels`, and with
+    `keep` (a function `Stage1Kept -> {name: host array}`, `fmbseg.kept.kept_to_arrays` bound to the SAM model) the
+    relabel-store record of every `ok` image, in row order: `kept_ids`, `kept`."""
 
-    def __init__(self, class_names: Sequence[str]):
+    def __init__(self, class_names: Sequence[str], keep: Callable[[Any], dict] | None = None):
         self.names = list(class_names)
+        self.keep = keep
+        self.kept_ids: list[str] = []
+        self.kept: list[dict] = []
         self.rows: list[dict] = []
         self.cols: dict[str, list] = {k: [] for k in MASK_COLUMNS}
         self.labels = PackedLabels()
         self.n_masks = 0
         self.n_failed = 0
 
-    def add_ok(self, entry, hw: tuple[int, int], masks: Sequence, selected: np.ndarray, label: np.ndarray) -> None:
-        """One labelled image: RLE of its masks, its mask rows, its label map and its `ok` row. All or nothing: an
-        exception leaves the rows as they were (the caller then adds a failure)."""
+    def add_ok(self, entry, hw: tuple[int, int], masks: Sequence, selected: np.ndarray, label: np.ndarray,
+               kept: Any = None) -> None:
+        """One labelled image: RLE of its masks, its mask rows, its label map and its `ok` row (and, when the shard
+        keeps a relabel store, `kept`: the image's `Stage1Kept`). All or nothing: an exception leaves the rows as
+        they were (the caller then adds a failure)."""
         n = len(masks)
+        record = None
+        if self.keep is not None:
+            if kept is None:
+                raise RuntimeError(f"image {entry.image_id}: the shard keeps a relabel store but Stage 1 kept nothing")
+            record = self.keep(kept)
         if label.shape != tuple(hw):
             raise RuntimeError(f"Stage 1 returned a {label.shape} label map for a {tuple(hw)} image")
         selected = np.asarray(selected, bool).reshape(-1)
@@ -143,6 +155,9 @@ class ShardRows:
             "selected": [bool(s) for s in selected],
         }
         self.labels.add(entry.image_id, np.asarray(label, np.uint16))
+        if record is not None:
+            self.kept_ids.append(entry.image_id)
+            self.kept.append(record)
         for k in MASK_COLUMNS:
             self.cols[k].extend(new[k])
         self.rows.append({"image_id": entry.image_id, "path": entry.path, "status": "ok", "error": None,
@@ -202,6 +217,7 @@ class _Done:
     hw: tuple[int, int] | None
     masks: list | None = None
     error: tuple[str, str] | None = None
+    kept: Any = None  # Stage1Kept, when the shard keeps a relabel store
 
 
 def _failure_of(e: BaseException, entry, shard_id: int) -> tuple[str, str]:
@@ -239,7 +255,7 @@ class _Writer(threading.Thread):
                         selected, label = merge_masks(item.masks, H, W, self.config, self.seed, item.entry.image_id)
                         t2 = time.perf_counter()
                         self.timings["labeling"] += t2 - t1
-                        self.acc.add_ok(item.entry, item.hw, item.masks, selected, label)
+                        self.acc.add_ok(item.entry, item.hw, item.masks, selected, label, item.kept)
                         self.timings["storage"] += time.perf_counter() - t2
                     except Exception as e:  # one image's bad result must not kill the shard
                         self.acc.add_failure(item.entry, *_failure_of(e, item.entry, self.shard_id), item.hw)
@@ -262,9 +278,13 @@ def label_entries(entries: Sequence, clip, sam, text: torch.Tensor, config, seed
                   execution: ExecutionConfig, timings: dict, on_image: Callable[[int, int], None] | None = None,
                   shard_id: int = -1) -> PipelineStats:
     """Label `entries` (PlannedImage-likes with `image_id`, `path`) into `acc`, adding to `timings` (seconds per
-    part: decode, prepare, clip, sam_encoder, sam_decoder, labeling, storage). Returns the lanes' time split."""
+    part: decode, prepare, clip, sam_encoder, sam_decoder, labeling, storage). Returns the lanes' time split.
+    When `acc.keep` is set, each image's `Stage1Kept` travels with its masks to `acc.add_ok`."""
     from fmbseg.models.sliding import prepare_sliding, sliding_features_many
-    from fmbseg.stage1 import check_stage1_inputs, detect_classes, label_candidates, sam_candidates
+    from fmbseg.stage1 import (Stage1Kept, auto_candidates, check_stage1_inputs, detect_classes, label_candidates,
+                               sam_candidates)
+
+    keep = acc.keep is not None
 
     device = clip.device
     group_size = execution.resolved_sam_batch(sam.device)
@@ -328,13 +348,17 @@ def label_entries(entries: Sequence, clip, sam, text: torch.Tensor, config, seed
             t = lap("sam_encoder", t)
         done = []
         for i, (p, det) in enumerate(zip(group, dets)):
+            kept = Stage1Kept(sfs[i]) if keep else None
             if i not in embs:
-                done.append(_Done(p.entry, p.hw, masks=[]))
+                done.append(_Done(p.entry, p.hw, masks=[], kept=kept))
                 continue
             try:
-                cand = sam_candidates(sam, embs[i], det, config)
+                autos = auto_candidates(sam, embs[i], config) if keep else None
+                cand = sam_candidates(sam, embs[i], det, config, autos)
                 t = lap("sam_decoder", t)
-                done.append(_Done(p.entry, p.hw, masks=label_candidates(cand, det, config)))
+                if keep:
+                    kept.embedding, kept.autos = embs[i], autos
+                done.append(_Done(p.entry, p.hw, masks=label_candidates(cand, det, config), kept=kept))
                 t = lap("labeling", t)
             except Exception as e:  # one image's decoder/pooling failure: its own failed row
                 done.append(_Done(p.entry, p.hw, error=_failure_of(e, p.entry, shard_id)))

@@ -35,6 +35,9 @@ class CampaignManifest:
     seed: int
     code_version: str
     inputs: dict[str, Any] = field(default_factory=dict)
+    # Every shard also commits a relabel store (`relabel.zarr/`, `fmbseg label --relabel-store`): recorded, not
+    # hashed (it adds an output, it changes none). Absent in campaign.json written before it: False.
+    relabel_store: bool = False
 
     @property
     def class_names(self) -> list[str]:
@@ -49,6 +52,8 @@ class CampaignManifest:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        if not self.relabel_store:
+            del d["relabel_store"]  # campaigns without the store keep the campaign.json they always had
         d["format"] = FORMAT
         d["format_version"] = FORMAT_VERSION
         d["stage1_hash"] = self.stage1_hash()
@@ -61,7 +66,7 @@ class CampaignManifest:
         if d.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"campaign format version {d.get('format_version')} is not supported (need {FORMAT_VERSION})")
         m = cls(**{k: d[k] for k in ("stage1", "vocabulary", "preset", "models", "seed", "code_version")},
-                inputs=d.get("inputs") or {})
+                inputs=d.get("inputs") or {}, relabel_store=bool(d.get("relabel_store", False)))
         if d.get("stage1_hash") != m.stage1_hash():
             raise ValueError("campaign.json was edited by hand: its stage1_hash does not match its content")
         return m

@@ -102,11 +102,12 @@ def group_digest(file_hashes: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def ensure_root_group(root: CampaignRoot) -> None:
-    """`labels.zarr/zarr.json` (the parent group; identical bytes from every writer, so a race is harmless)."""
-    if not root.exists(f"{LABELS_ZARR}/zarr.json"):
+def ensure_root_group(root: CampaignRoot, base: str = LABELS_ZARR) -> None:
+    """`labels.zarr/zarr.json` (or `base`'s: the parent group; identical bytes from every writer, so a race is
+    harmless)."""
+    if not root.exists(f"{base}/zarr.json"):
         for key, data in _root_group_files().items():
-            root.write_bytes(f"{LABELS_ZARR}/{key}", data)
+            root.write_bytes(f"{base}/{key}", data)
 
 
 def write_label_group(root: CampaignRoot, shard_id: int, labels: PackedLabels,

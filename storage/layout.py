@@ -6,6 +6,7 @@ shards/000042.json
 images/shard=000042/part-0.parquet
 masks/shard=000042/part-0.parquet
 labels.zarr/000042/
+relabel.zarr/000042/            (campaigns labelled with --relabel-store)
 done/000042.json
 ```
 """
@@ -20,6 +21,7 @@ DONE_DIR = "done"
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
 LABELS_ZARR = "labels.zarr"
+RELABEL_ZARR = "relabel.zarr"
 
 _SHARD_RE = re.compile(r"^(\d{6,})\.json$")
 
@@ -45,6 +47,10 @@ def masks_path(shard_id: int) -> str:
 
 def labels_group_path(shard_id: int) -> str:
     return f"{LABELS_ZARR}/{shard_name(shard_id)}"
+
+
+def relabel_group_path(shard_id: int) -> str:
+    return f"{RELABEL_ZARR}/{shard_name(shard_id)}"
 
 
 def done_path(shard_id: int) -> str:
@@ -78,7 +84,8 @@ def staged_path(shard_id: int, attempt: str, public_rel: str) -> str:
 def public_dirs(shard_id: int) -> list[str]:
     """The folders that hold a shard's published outputs (and nothing of any other shard)."""
     name = shard_name(shard_id)
-    return [f"{IMAGES_DIR}/shard={name}", f"{MASKS_DIR}/shard={name}", labels_group_path(shard_id)]
+    return [f"{IMAGES_DIR}/shard={name}", f"{MASKS_DIR}/shard={name}", labels_group_path(shard_id),
+            relabel_group_path(shard_id)]
 
 
 _PUBLIC_DIR_RE = re.compile(r"^shard=(\d{6,})$")

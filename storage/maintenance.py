@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from storage.campaign import read_manifest, write_manifest
 from storage.fs import CampaignRoot
-from storage.layout import ATTEMPTS_DIR, DONE_DIR, IMAGES_DIR, LABELS_ZARR, MASKS_DIR, SHARDS_DIR, images_path
+from storage.layout import (ATTEMPTS_DIR, DONE_DIR, IMAGES_DIR, LABELS_ZARR, MASKS_DIR, RELABEL_ZARR, SHARDS_DIR,
+                            images_path)
 from storage.markers import read_done_or_none
 from storage.planning import (input_root, planned_shards, relative_to_root, resolve, shard_list_path,
                               stored_entries)
@@ -16,7 +17,7 @@ def reset_stage1_outputs(root: CampaignRoot) -> None:
     committed), then the public parts and groups (plain readers see none of them), staging, shard lists.
     `campaign.json` is rewritten by the caller afterwards, so a crash in between leaves the old manifest and
     the rerun is refused until `--overwrite` is given again."""
-    for rel in (DONE_DIR, IMAGES_DIR, MASKS_DIR, LABELS_ZARR, ATTEMPTS_DIR, SHARDS_DIR):
+    for rel in (DONE_DIR, IMAGES_DIR, MASKS_DIR, LABELS_ZARR, RELABEL_ZARR, ATTEMPTS_DIR, SHARDS_DIR):
         root.remove(rel, recursive=True)
 
 

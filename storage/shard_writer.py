@@ -29,8 +29,8 @@ import pyarrow as pa
 from storage import faults
 from storage.fs import CampaignRoot, dumps_json
 from storage.labels import PackedLabels, build_label_group, ensure_root_group, group_digest
-from storage.layout import (attempt_dir, attempts_dir, done_path, images_path, labels_group_path, masks_path,
-                            public_dirs, staged_path)
+from storage.layout import (RELABEL_ZARR, attempt_dir, attempts_dir, done_path, images_path, labels_group_path,
+                            masks_path, public_dirs, relabel_group_path, staged_path)
 from storage.markers import MARKER_FORMAT, CorruptMarker, DoneMarker, read_done
 from storage.tables import table_to_parquet_bytes, table_vocabulary
 
@@ -78,13 +78,18 @@ def commit_shard(
     failure_reasons: dict[str, int],
     seconds: float,
     code_version: str,
+    relabel_files: dict[str, bytes] | None = None,
 ) -> DoneMarker:
     """Stage the outputs, commit them by creating the done marker, publish them. Returns the shard's committed
     marker: this attempt's, or — when another attempt committed first — the winner's (this attempt's files are
-    then discarded; compare `marker.attempt`)."""
+    then discarded; compare `marker.attempt`). `relabel_files`: the shard's relabel store (group-relative key ->
+    bytes, `storage.relabel_store.build_relabel_group`), committed with the rest when given."""
     t0 = time.perf_counter()
     attempt = attempt_id()
     files = shard_files(shard_id, images, masks, labels)
+    if relabel_files is not None:
+        files.update({f"{relabel_group_path(shard_id)}/{k}": v for k, v in relabel_files.items()})
+        ensure_root_group(root, RELABEL_ZARR)
     hashes = {rel: sha256(data) for rel, data in files.items()}
     ensure_root_group(root)
     for rel, data in files.items():

@@ -230,6 +230,21 @@ class SegmentAnythingModel:
 
         return generate_masks(self, emb, cfg)
 
+    # -- the relabel store (stages/relabel.py) ---------------------------------------------------------------
+    def embedding_arrays(self, emb: SamEmbedding) -> dict[str, np.ndarray]:
+        """The embedding as host arrays: `features` (1, C, h, w) float32, the encoder output as computed (on CUDA
+        the bf16 autocast output widened to float32, so it holds bf16 values exactly)."""
+        return {"features": self._features(emb).detach().cpu().numpy()}
+
+    def embedding_from_arrays(self, arrays: dict[str, np.ndarray], original_hw: tuple[int, int],
+                              input_hw: tuple[int, int]) -> SamEmbedding:
+        """The inverse of `embedding_arrays`: the same features on this model's device."""
+        emb = SamEmbedding(original_hw=(int(original_hw[0]), int(original_hw[1])),
+                           input_hw=(int(input_hw[0]), int(input_hw[1])),
+                           features=torch.from_numpy(np.ascontiguousarray(arrays["features"])).to(self.device))
+        self._features(emb)  # another model's embedding fails here, naming the shapes
+        return emb
+
     # -- batched encoder (the label pipeline) ------------------------------------------------------------------
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """The host half of `embed`: (H, W, 3) uint8 -> the long-side-resized (h', w', 3) uint8 input (PIL), so the

@@ -308,6 +308,17 @@ class OracleSam:
         return [AutoMask(segmentation=feats.regions == k, predicted_iou=AUTO_PREDICTED_IOU,
                          stability_score=AUTO_STABILITY) for k in keep]
 
+    def embedding_arrays(self, emb: SamEmbedding) -> dict[str, np.ndarray]:
+        """The "embedding" as host arrays (the relabel store): `regions` (H, W), `areas` (n_regions,)."""
+        feats = self._features(emb)
+        return {"regions": feats.regions, "areas": feats.areas}
+
+    def embedding_from_arrays(self, arrays: dict[str, np.ndarray], original_hw: tuple[int, int],
+                              input_hw: tuple[int, int]) -> SamEmbedding:
+        return SamEmbedding(original_hw=(int(original_hw[0]), int(original_hw[1])),
+                            input_hw=(int(input_hw[0]), int(input_hw[1])),
+                            features=OracleSamFeatures(np.asarray(arrays["regions"]), np.asarray(arrays["areas"])))
+
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """The host half of `embed` (the real adapter resizes here); the oracle's "encoder" needs the image itself."""
         return image

@@ -16,7 +16,7 @@ from flows.server import client_settings
 pytestmark = pytest.mark.slow
 
 EXPECTED = {"label-campaign/default", "train-alignment/default", "evaluate/default", "fmbseg-pipeline/default",
-            "fmbseg-pipeline/demo"}
+            "fmbseg-pipeline/demo", "relabel-campaign/default"}
 
 
 def _client(server):

@@ -16,12 +16,14 @@ from flows.evaluate_flow import evaluate_flow, evaluate_on_ray
 from flows.export_flow import export_campaign_flow
 from flows.label_flow import label_campaign, label_shards_ray
 from flows.pipeline import fmbseg_pipeline
+from flows.relabel_flow import relabel_campaign
 from flows.stats_flow import campaign_stats_flow
 from flows.train_flow import train_alignment_flow, train_config
 
 REPO = Path(__file__).resolve().parents[2]
 FLOWS = {f.name: f for f in (label_campaign, train_alignment_flow, evaluate_flow, fmbseg_pipeline,
-                             export_campaign_flow, campaign_stats_flow, label_shards_ray, evaluate_on_ray)}
+                             export_campaign_flow, campaign_stats_flow, label_shards_ray, evaluate_on_ray,
+                             relabel_campaign)}
 ENTRYPOINTS = {"label-campaign": "flows/label_flow.py:label_campaign",
                "fmbseg-pipeline": "flows/pipeline.py:fmbseg_pipeline",
                "train-alignment": "flows/train_flow.py:train_alignment_flow",
@@ -109,7 +111,8 @@ def test_prefect_yaml_parameters_validate():
                      "flows/train_flow.py:train_alignment_flow": train_alignment_flow,
                      "flows/evaluate_flow.py:evaluate_flow": evaluate_flow,
                      "flows/pipeline.py:fmbseg_pipeline": fmbseg_pipeline,
-                     "flows/export_flow.py:export_campaign_flow": export_campaign_flow}
+                     "flows/export_flow.py:export_campaign_flow": export_campaign_flow,
+                     "flows/relabel_flow.py:relabel_campaign": relabel_campaign}
     required = {"images": "i", "vocab": "v", "campaign": "c", "dataset": "custom", "data_root": "d", "out": "o"}
     checked = 0
     for d in spec["deployments"]:

@@ -1,5 +1,5 @@
-"""The benchmark scripts run: bench_gpu.py's CPU smoke path (the GPU figures need a CUDA machine) and
-bench_flops.py's counting on the tiny architectures."""
+"""The benchmark scripts run: bench_gpu.py's CPU smoke path (the GPU figures need a CUDA machine),
+bench_flops.py's counting and bench_relabel.py on the tiny architectures."""
 
 import sys
 from pathlib import Path
@@ -36,3 +36,15 @@ def test_bench_flops_structures_add_up():
     assert s["project"]["decoder"] - s["minimum"]["decoder"] == 17 * c.decoder_independent
     # The decoder's FLOPs are linear in the prompts: 4 batches of 4 single-point prompts + the 1.1 call.
     assert s["project"]["decoder"] == 4 * c.decoder_auto_batch + c.decoder_points_call
+
+
+def test_bench_relabel_tiny_smoke_run(capsys, tmp_path):
+    import bench_relabel
+
+    assert bench_relabel.main(["--preset", "tiny", "--images", "1", "--size", "96", "128", "--points-per-side", "4",
+                               "--device", "cpu", "--check"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "relabel output identical to it: True" in out
+    for part in ("full label", "relabel ", "speed-up", "storage per image", "store by array", "dense"):
+        assert part in out

@@ -147,11 +147,11 @@ def test_a_crash_inside_one_image_fails_that_image_only(tmp_path, monkeypatch, p
     real = getattr(fmbseg.stage1, name)
     calls = []
 
-    def flaky(*args):
+    def flaky(*args, **kwargs):
         calls.append(1)
         if (len(calls) == 2) if pipeline else (args[-1] == "world_0001.png"):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(fmbseg.stage1, name, flaky)
     s = run_label(LabelConfig(images=str(tmp_path / "w" / "images"), vocab=str(tmp_path / "w" / "classes.txt"),
