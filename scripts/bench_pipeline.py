@@ -169,12 +169,12 @@ class SleepSam:
         return [SamEmbedding(original_hw=im.shape[:2], input_hw=r.shape[:2], features=None)
                 for im, r in zip(images, prepared)]
 
-    def predict_points(self, emb, points):
+    def predict_points(self, emb, points, outputs="multimask"):
         self.dev.run(self.points_ms / 1e3)
-        n = len(points)
+        n, m = len(points), {"all4": 4, "multimask": 3, "single": 1}[outputs]
         blobs = self._blobs(tuple(emb.original_hw))
-        masks = np.repeat(blobs[self.n_auto : self.n_auto + n][:, None], 3, axis=1)  # the device-to-host copy
-        return masks, np.tile(np.array([0.9, 0.8, 0.7], np.float32), (n, 1))
+        masks = np.repeat(blobs[self.n_auto : self.n_auto + n][:, None], m, axis=1)  # the device-to-host copy
+        return masks, np.tile(np.array([0.9, 0.8, 0.7, 0.6][:m], np.float32), (n, 1))
 
     def generate(self, emb, cfg):
         self.dev.run(self.amg_ms / 1e3)
