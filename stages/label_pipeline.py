@@ -73,31 +73,15 @@ class ExecutionConfig:
         return self.sam_batch if self.sam_batch is not None else (4 if device.type == "cuda" else 1)
 
 
-RLE_CHUNK = 4
-
-
-def _encode_in_chunks(masks: Sequence, hw: tuple[int, int]) -> EncodedMasks:
-    """`encode_masks` of the masks' (H, W) bool arrays -> the same bytes as one call on their stack.
-
-    Each chunk of RLE_CHUNK masks is written straight into the column-major uint8 buffer pycocotools reads (one
-    transposing copy per mask, instead of a stack copy and then a Fortran-order copy), and pycocotools, which holds
-    the GIL for a whole call, gets short calls with a yield between them: the model lane, which wakes from every
-    device wait needing the GIL, gets it within one chunk instead of one image's worth of masks."""
-    H, W = hw
+def _encode_image_masks(masks: Sequence, hw: tuple[int, int]) -> EncodedMasks:
+    """`encode_masks` of one image's Stage-1 masks (their (H, W) bool arrays, no stack copy), each checked to have
+    the image's size."""
+    for m in masks:
+        if m.mask.shape != tuple(hw):
+            raise RuntimeError(f"Stage 1 returned a {m.mask.shape} mask for a {tuple(hw)} image")
     if not masks:
-        return encode_masks(np.zeros((0, H, W), bool))
-    parts = []
-    for i in range(0, len(masks), RLE_CHUNK):
-        chunk = [m.mask for m in masks[i : i + RLE_CHUNK]]
-        buf = np.empty((H, W, len(chunk)), np.uint8, order="F")
-        for j, m in enumerate(chunk):
-            if m.shape != (H, W):
-                raise RuntimeError(f"Stage 1 returned a {m.shape} mask for a {(H, W)} image")
-            buf[:, :, j] = m
-        parts.append(encode_masks(buf.transpose(2, 0, 1)))  # (n, H, W) view; its (H, W, n) is `buf`, no copy
-        time.sleep(0)  # drop the GIL: a waiting model lane takes it now, not after the switch interval
-    return EncodedMasks([c for p in parts for c in p.counts], np.concatenate([p.area for p in parts]),
-                        np.concatenate([p.bbox for p in parts]))
+        return encode_masks(np.zeros((0, *hw), bool))
+    return encode_masks([m.mask for m in masks])
 
 
 def failure_row(entry, reason: str, kind: str, hw: tuple[int, int] | None) -> dict:
@@ -126,7 +110,7 @@ class ShardRows:
         selected = np.asarray(selected, bool).reshape(-1)
         if selected.shape[0] != n:
             raise RuntimeError(f"Stage 1 returned {selected.shape[0]} selection flags for {n} masks")
-        enc = _encode_in_chunks(masks, hw)
+        enc = _encode_image_masks(masks, hw)
         new = {
             "image_id": [entry.image_id] * n,
             "mask_id": list(range(n)),
