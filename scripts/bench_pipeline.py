@@ -215,6 +215,8 @@ def _worker(args, campaign: str, shard_ids: list[int], pipeline: bool, lock, out
     stats = []
     for sid in shard_ids:
         r = label_shard(campaign, sid, "cpu", retry_failed=False, execution=execution)
+        if r["failed"]:  # a stand-in out of step with the code: measure nothing rather than failing images
+            raise RuntimeError(f"shard {sid}: {r['failed']} images failed: {r['failure_reasons']}")
         stats.append(r.get("pipeline"))
     out.put((dev.busy, t0, time.perf_counter(), stats, r["timings"], time.process_time() - c0))
 
@@ -254,6 +256,61 @@ def _run(args, work: Path, mode: str, round_: int) -> tuple[float, float, dict |
     return args.images / wall, busy / wall, res[0][3][-1], timings
 
 
+def host_breakdown(folder: Path, n_auto: int) -> dict[str, float]:
+    """CPU ms per image of each part of the host path, one thread, the stand-ins at zero device time: the real
+    functions `label_shard` runs (serial loop's order), each timed alone with `time.thread_time`."""
+    import threading
+
+    from fmbseg.images import load_image
+    from fmbseg.models.sliding import prepare_sliding
+    from fmbseg.stage1 import Stage1Config, detect_classes, label_candidates, merge_masks, sam_candidates
+    from stages.label_pipeline import ShardRows
+    from storage.fs import CampaignRoot
+    from storage.shard_writer import commit_shard
+    from storage.tables import images_table, masks_table
+
+    dev = _Device(threading.Lock())
+    clip, sam = SleepClip(dev, 0.0), SleepSam(dev, 0.0, 0.0, 0.0, n_auto)
+    simulate_device_tensor_work(dev, 0.0, 0.0)
+    import fmbseg.models.sliding as sliding
+
+    config = Stage1Config()
+    names = [f"class{k}" for k in range(3)]
+    text = clip.encode_text(names)
+    acc = ShardRows(names)
+    parts: dict[str, float] = {}
+
+    def timed(name, fn, *a):
+        t0 = time.thread_time()
+        out = fn(*a)
+        parts[name] = parts.get(name, 0.0) + time.thread_time() - t0
+        return out
+
+    paths = sorted((folder / "images").glob("*.jpg"))
+    for i, path in enumerate(paths):
+        image = timed("decode + EXIF", load_image, str(path))
+        inp = timed("CLIP upscale + crop layout (PIL bicubic)", prepare_sliding, image, clip.input_size,
+                    clip.patch_size, config.upscale, config.max_side)
+        prepared = timed("SAM long-side resize (PIL bilinear)", sam.prepare, image)
+        sf = sliding.sliding_features_many(clip, [inp], config.clip_batch_size, False)[0]
+        det = timed("detection (on the stand-in features)", detect_classes, sf, text, config)
+        emb = sam.embed_many([image], [prepared])[0]
+        cand = timed("candidates (device-to-host copies, emptiness)", sam_candidates, sam, emb, det, config)
+        masks = timed("scores (pooling input; pooling itself on the device)", label_candidates, cand, det, config)
+        selected, label = timed("seeded draw + label-map merge", merge_masks, masks, *image.shape[:2], config, 0,
+                                path.name)
+        entry = type("Entry", (), {"image_id": path.name, "path": str(path)})()
+        timed("RLE + mask rows + label-map zlib", acc.add_ok, entry, image.shape[:2], masks, selected, label)
+    root = CampaignRoot(str(folder / "breakdown-campaign"))
+
+    def commit():
+        commit_shard(root, 0, "x" * 64, images_table(acc.rows, names), masks_table(acc.cols, names), acc.labels,
+                     failure_reasons={}, seconds=0.0, code_version="bench")
+
+    timed("shard commit (Parquet, Zarr, fsync; per image)", commit)
+    return {k: 1e3 * v / len(paths) for k, v in parts.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=32, help="images per run (default 32; even)")
@@ -273,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", type=int, default=4)
     ap.add_argument("--host-workers", type=int, default=2)
     ap.add_argument("--sam-batch", type=int, default=None)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also print CPU ms per image of each host part (one thread, the real functions)")
     args = ap.parse_args(argv)
     for name in ("clip_ms_per_crop", "sam_encoder_ms", "amg_ms", "points_ms", "pool_ms"):
         setattr(args, name, getattr(args, name) * args.gpu_scale)
@@ -286,6 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.images} JPEGs {args.size[0]}x{args.size[1]}; simulated GPU per image: CLIP "
               f"{args.clip_ms_per_crop:.3f} ms/crop, SAM encoder {args.sam_encoder_ms:.1f} ms, AMG "
               f"{args.amg_ms:.1f} ms, points {args.points_ms:.1f} ms; {args.auto_masks} automatic masks/image")
+        if args.breakdown:
+            torch.set_num_threads(1)
+            host_breakdown(work / "w", args.auto_masks)  # warm-up
+            parts = host_breakdown(work / "w", args.auto_masks)
+            print("\nhost CPU per image, ms (one thread, the real host functions; the stand-ins' device time 0):")
+            for k, v in parts.items():
+                print(f"  {k:55} {v:6.1f}")
+            print(f"  {'total':55} {sum(parts.values()):6.1f}")
         _run(args, work, "serial", -1)  # warm-up: imports, first allocations, page cache
         results: dict[str, list] = {m: [] for m in args.modes}
         for r in range(args.rounds):
