@@ -55,11 +55,12 @@ class _Device:
         self.busy += seconds
 
 
-def simulate_device_tensor_work(dev: "_Device", ms_per_crop: float, pool_ms: float) -> None:
+def simulate_device_tensor_work(dev: "_Device", ms_per_crop: float, pool_ms: float, resize_ms: float = 0.0) -> None:
     """Replace the model lane's device-side tensor work by sleeps too (in production it runs on the GPU; on this
     CPU it would be counted as host work): the sliding-window crop batches + stitching (`sliding_features_many`,
     asleep for its crops' CLIP time, returning fixed features of the real grid shape; the host-side upscale and
-    crop layout, `prepare_sliding`, stay real) and the mask pooling of Stage-1 labeling (`mask_pool`)."""
+    crop layout, `prepare_sliding`, stay real; with `--device-resize` the upscale itself is device work too,
+    `resize_ms`) and the mask pooling of Stage-1 labeling (`mask_pool`)."""
     import fmbseg.models.sliding as sliding
     import fmbseg.stage1 as stage1
 
@@ -74,6 +75,9 @@ def simulate_device_tensor_work(dev: "_Device", ms_per_crop: float, pool_ms: flo
         out = []
         for inp in inputs:
             Hu, Wu = inp.pixels.shape[:2]
+            if inp.resize_to is not None:  # the upscale on the device (fmbseg.resample.pil_resize)
+                dev.run(resize_ms / 1e3)
+                Hu, Wu = inp.resize_to
             if (Hu, Wu) not in grids:
                 grids[(Hu, Wu)] = F.normalize(torch.randn(Hu // P, Wu // P, SleepClip.embed_dim, generator=g), dim=-1)
             k = torch.arange(len(inp.boxes)) % 3  # crop k votes for class k % 3
@@ -140,10 +144,11 @@ class SleepSam:
     weights_sha256 = None
     image_size = 1024
 
-    def __init__(self, dev: _Device, encoder_ms: float, points_ms: float, amg_ms: float, n_auto: int):
+    def __init__(self, dev: _Device, encoder_ms: float, points_ms: float, amg_ms: float, n_auto: int,
+                 resize_ms: float = 0.0):
         from segment_anything.utils.transforms import ResizeLongestSide
 
-        self.dev = dev
+        self.dev, self.resize_ms = dev, resize_ms
         self.encoder_ms, self.points_ms, self.amg_ms, self.n_auto = encoder_ms, points_ms, amg_ms, n_auto
         self.device = torch.device("cpu")
         self.transform = ResizeLongestSide(self.image_size)
@@ -156,6 +161,11 @@ class SleepSam:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         return self.transform.apply_image(image)
+
+    def prepare_on_device(self, image: torch.Tensor) -> torch.Tensor:
+        self.dev.run(self.resize_ms / 1e3)
+        h, w = self.transform.get_preprocess_shape(image.shape[0], image.shape[1], self.image_size)
+        return torch.empty(h, w, 3, dtype=torch.uint8)
 
     def embed(self, image: np.ndarray) -> SamEmbedding:
         return self.embed_many([image])[0]
@@ -206,11 +216,11 @@ def _worker(args, campaign: str, shard_ids: list[int], pipeline: bool, lock, out
 
     dev = _Device(lock)
     clip = SleepClip(dev, args.clip_ms_per_crop)
-    sam = SleepSam(dev, args.sam_encoder_ms, args.points_ms, args.amg_ms, args.auto_masks)
+    sam = SleepSam(dev, args.sam_encoder_ms, args.points_ms, args.amg_ms, args.auto_masks, args.resize_ms)
     models_cache.register_models("base", "cpu", clip, sam)
-    simulate_device_tensor_work(dev, args.clip_ms_per_crop, args.pool_ms)
+    simulate_device_tensor_work(dev, args.clip_ms_per_crop, args.pool_ms, args.resize_ms)
     execution = ExecutionConfig(pipeline=pipeline, prefetch=args.prefetch, host_workers=args.host_workers,
-                                sam_batch=args.sam_batch)
+                                sam_batch=args.sam_batch, device_resize=args.device_resize)
     t0, c0 = time.perf_counter(), time.process_time()
     stats = []
     for sid in shard_ids:
@@ -256,7 +266,7 @@ def _run(args, work: Path, mode: str, round_: int) -> tuple[float, float, dict |
     return args.images / wall, busy / wall, res[0][3][-1], timings
 
 
-def host_breakdown(folder: Path, n_auto: int) -> dict[str, float]:
+def host_breakdown(folder: Path, n_auto: int, device_resize: bool = False) -> dict[str, float]:
     """CPU ms per image of each part of the host path, one thread, the stand-ins at zero device time: the real
     functions `label_shard` runs (serial loop's order), each timed alone with `time.thread_time`."""
     import threading
@@ -289,9 +299,10 @@ def host_breakdown(folder: Path, n_auto: int) -> dict[str, float]:
     paths = sorted((folder / "images").glob("*.jpg"))
     for i, path in enumerate(paths):
         image = timed("decode + EXIF", load_image, str(path))
-        inp = timed("CLIP upscale + crop layout (PIL bicubic)", prepare_sliding, image, clip.input_size,
-                    clip.patch_size, config.upscale, config.max_side)
-        prepared = timed("SAM long-side resize (PIL bilinear)", sam.prepare, image)
+        inp = timed("CLIP upscale (PIL bicubic, unless on the device) + crops", prepare_sliding, image,
+                    clip.input_size, clip.patch_size, config.upscale, config.max_side, device_resize)
+        prepared = (sam.prepare_on_device(torch.from_numpy(image)) if device_resize
+                    else timed("SAM long-side resize (PIL bilinear)", sam.prepare, image))
         sf = sliding.sliding_features_many(clip, [inp], config.clip_batch_size, False)[0]
         det = timed("detection (on the stand-in features)", detect_classes, sf, text, config)
         emb = sam.embed_many([image], [prepared])[0]
@@ -323,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--amg-ms", type=float, default=3.7e12 / (EFFICIENCY * PEAK_BF16) * 1e3)
     ap.add_argument("--points-ms", type=float, default=0.3)
     ap.add_argument("--pool-ms", type=float, default=0.5, help="mask pooling of one image on the device")
+    ap.add_argument("--device-resize", action="store_true",
+                    help="the CLIP upscale and SAM resize on the device (ExecutionConfig.device_resize, the CUDA "
+                         "default), each taking --resize-ms of simulated device time instead of host CPU")
+    ap.add_argument("--resize-ms", type=float, default=0.15,
+                    help="device time of one exact resize (estimate: ~40 small int32 kernels on a few MB)")
     ap.add_argument("--auto-masks", type=int, default=60, help="automatic masks per image (default 60)")
     ap.add_argument("--gpu-scale", type=float, default=1.0,
                     help="multiply every simulated GPU time (e.g. 10: a device 10x slower than the H200 estimate, "
@@ -333,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--breakdown", action="store_true",
                     help="also print CPU ms per image of each host part (one thread, the real functions)")
     args = ap.parse_args(argv)
-    for name in ("clip_ms_per_crop", "sam_encoder_ms", "amg_ms", "points_ms", "pool_ms"):
+    for name in ("clip_ms_per_crop", "sam_encoder_ms", "amg_ms", "points_ms", "pool_ms", "resize_ms"):
         setattr(args, name, getattr(args, name) * args.gpu_scale)
 
     work = Path(tempfile.mkdtemp(prefix="fmbseg-bench-pipeline-"))
@@ -347,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.amg_ms:.1f} ms, points {args.points_ms:.1f} ms; {args.auto_masks} automatic masks/image")
         if args.breakdown:
             torch.set_num_threads(1)
-            host_breakdown(work / "w", args.auto_masks)  # warm-up
-            parts = host_breakdown(work / "w", args.auto_masks)
+            host_breakdown(work / "w", args.auto_masks, args.device_resize)  # warm-up
+            parts = host_breakdown(work / "w", args.auto_masks, args.device_resize)
             print("\nhost CPU per image, ms (one thread, the real host functions; the stand-ins' device time 0):")
             for k, v in parts.items():
                 print(f"  {k:55} {v:6.1f}")

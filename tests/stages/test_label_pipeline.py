@@ -201,3 +201,14 @@ def test_image_masks_encode_as_their_stack(n):
         assert np.array_equal(decode_rle(c, 37, 53), m)
     with pytest.raises(RuntimeError, match="mask for a"):
         _encode_image_masks([SimpleNamespace(mask=np.zeros((37, 52), bool))], (37, 53))
+
+
+@pytest.mark.parametrize("preset", ["oracle", "tiny"])
+def test_device_resize_campaign_is_byte_equal_to_the_serial_loop(world, tmp_path, one_torch_thread, preset):
+    """The CLIP upscale and SAM resize on the model's device (`ExecutionConfig.device_resize`, on by default on
+    CUDA; here the CPU torch version) write the bytes of the serial loop's PIL resizes."""
+    kw = {"stage1": {"points_per_side": 4}} if preset == "tiny" else {}
+    s = _label(world, tmp_path / "serial", SERIAL, preset=preset, shard_size=5, **kw)
+    p = _label(world, tmp_path / "dev", ExecutionConfig(device_resize=True), preset=preset, shard_size=5, **kw)
+    assert (s["ok"], s["masks"]) == (p["ok"], p["masks"]) and s["masks"] > 0
+    _assert_same_campaign(tmp_path / "serial", tmp_path / "dev")
