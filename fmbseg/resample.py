@@ -64,17 +64,24 @@ def resample_coeffs(in_size: int, out_size: int, filter: str) -> tuple[np.ndarra
     return xmin, xmax, kk
 
 
+@lru_cache(maxsize=256)
+def _device_coeffs(in_size: int, out_size: int, filter: str, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(taps (ksize, out) int64 source indices, kk (ksize, out) int32) on `device`, uploaded once per size."""
+    xmin, _, kk = resample_coeffs(in_size, out_size, filter)
+    idx = np.minimum(xmin[:, None] + np.arange(kk.shape[1]), in_size - 1)  # past a window: coefficient 0
+    return (torch.as_tensor(np.ascontiguousarray(idx.T), device=device),
+            torch.as_tensor(np.ascontiguousarray(kk.T), device=device))
+
+
 def _pass(x: torch.Tensor, dim: int, out_size: int, filter: str) -> torch.Tensor:
     """One 8-bit pass along `dim` (0: rows, 1: columns) of (H, W, C) uint8."""
-    xmin, xmax, kk = resample_coeffs(x.shape[dim], out_size, filter)
-    idx = np.minimum(xmin[:, None] + np.arange(kk.shape[1]), x.shape[dim] - 1)  # past a window: coefficient 0
-    idx_t = torch.as_tensor(idx, device=x.device)
-    kk_t = torch.as_tensor(kk, device=x.device)
+    taps, kk = _device_coeffs(int(x.shape[dim]), out_size, filter, x.device)
     shape = (-1, 1, 1) if dim == 0 else (1, -1, 1)
     src = x.to(torch.int32)
     acc = torch.full((), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
-    for t in range(kk.shape[1]):
-        acc = acc + src.index_select(dim, idx_t[:, t]) * kk_t[:, t].reshape(shape)
+    for t in range(kk.shape[0]):
+        acc = acc + src.index_select(dim, taps[t]) * kk[t].reshape(shape)
     return torch.bitwise_right_shift(acc, PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
