@@ -387,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
           "= CPU time the workers used: with c free cores the bound is reachable only if host CPU / c < GPU time):")
     for m, rs in results.items():
         print(f"{m:14} " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in rs[-1][3].items()))
+    print("\nhost cores the bound needs (0.9 x host CPU per image / GPU time per image; the CPUs this run could get "
+          "bound it above):")
+    for m, rs in results.items():
+        gpu = statistics.median(x[1] / x[0] for x in rs)  # s of simulated GPU per image = (busy / wall) / (n / wall)
+        cpu = statistics.median(x[3]["host CPU"] for x in rs)
+        print(f"{m:14} GPU {1e3 * gpu:.1f} ms/image, host CPU {1e3 * cpu:.1f} ms/image -> {0.9 * cpu / gpu:.2f} cores "
+              f"(this run used {cpu * statistics.median(x[0] for x in rs):.2f})")
     for m, rs in results.items():
         st = rs[-1][2]
         if st:
