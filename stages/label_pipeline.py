@@ -74,6 +74,9 @@ class ExecutionConfig:
                                            or self.sam_batch < 1):
             raise ValueError(f"sam_batch must be an integer >= 1 (or None for the device's default), got "
                              f"{self.sam_batch!r}")
+        if self.device_resize is not None and not isinstance(self.device_resize, bool):
+            raise ValueError(f"device_resize must be true, false or None (the device's default), got "
+                             f"{self.device_resize!r}")
 
     def resolved_sam_batch(self, device: torch.device) -> int:
         return self.sam_batch if self.sam_batch is not None else (4 if device.type == "cuda" else 1)

@@ -212,3 +212,12 @@ def test_device_resize_campaign_is_byte_equal_to_the_serial_loop(world, tmp_path
     p = _label(world, tmp_path / "dev", ExecutionConfig(device_resize=True), preset=preset, shard_size=5, **kw)
     assert (s["ok"], s["masks"]) == (p["ok"], p["masks"]) and s["masks"] > 0
     _assert_same_campaign(tmp_path / "serial", tmp_path / "dev")
+
+
+def test_device_resize_defaults_to_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not ExecutionConfig().resolved_device_resize(cpu) and ExecutionConfig().resolved_device_resize(cuda)
+    assert ExecutionConfig(device_resize=True).resolved_device_resize(cpu)
+    assert not ExecutionConfig(device_resize=False).resolved_device_resize(cuda)
+    with pytest.raises(ValueError, match="device_resize"):
+        ExecutionConfig(device_resize="yes")
