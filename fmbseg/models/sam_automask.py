@@ -17,7 +17,8 @@ Exact reorganisations of the stock computation (each checked bit for bit against
   image-side projections, the positional encoding) is computed once per image (`GridDecoder`), not per prompt;
 - the predicted-IoU filter runs on the low-resolution logits, so only survivors are upsampled to full size;
 - the decode batch (`SegmentAnythingModel.points_per_batch`, chosen for the device) is an execution setting: every
-  per-mask value is computed independently of the other prompts in its batch, so outputs do not depend on it.
+  per-mask value is computed independently of the other prompts in its batch, so outputs do not depend on it;
+- survivors are bit-packed on the device (`packbits_rows`) before they are copied to the host for NMS.
 
 Choices where the stock generator has none: masks are also filtered by area *before* NMS (so an out-of-range mask
 never suppresses a valid one), with `min_area_frac`/`max_area_frac` of the original image area, and empty masks are
