@@ -10,6 +10,8 @@ each point.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
@@ -38,43 +40,70 @@ def cell_bounds(n_cells: int, cell_size: float, length: int, device=None) -> tor
     return b.clamp_(0.0, float(length))
 
 
-def cell_coverage(masks: torch.Tensor | np.ndarray, grid_hw: tuple[int, int],
-                  cell_size_xy: tuple[float, float]) -> torch.Tensor:
-    """masks (N, H, W) bool -> (N, Hg, Wg) float32: the fraction of each grid cell the mask covers, in [0, 1]."""
+def _mask_chunks(masks: torch.Tensor | np.ndarray | Sequence[np.ndarray], device=None):
+    """(N, H, W) masks -> (N, H, W, get(n0, n1) -> (n1 - n0, H, W) float32 on `device`). A sequence of (H, W)
+    arrays is never stacked: each chunk's float32 buffer is filled mask by mask (the conversion the chunk needs
+    anyway; a stack would be one more full-resolution copy of every mask)."""
+    if isinstance(masks, (list, tuple)):
+        items = [torch.as_tensor(np.ascontiguousarray(m)) for m in masks]
+        H, W = tuple(items[0].shape) if items else (0, 0)
+        for m in items:
+            if m.shape != (H, W):
+                raise ValueError(f"masks must all be (H, W) = {(H, W)}, got one of shape {tuple(m.shape)}")
+        dev = torch.device("cpu") if device is None else torch.device(device)
+
+        def get(n0: int, n1: int) -> torch.Tensor:
+            out = torch.empty(len(items[n0:n1]), H, W, dtype=torch.float32, device=dev)
+            for j, m in enumerate(items[n0:n1]):
+                out[j].copy_(m)
+            return out
+
+        return len(items), H, W, get
     masks = torch.as_tensor(masks)
     if masks.ndim != 3:
         raise ValueError(f"masks must be (N, H, W), got shape {tuple(masks.shape)}")
-    N, H, W = masks.shape
+    if device is not None:
+        masks = masks.to(device)
+    return (*masks.shape, lambda n0, n1: masks[n0:n1].to(torch.float32))
+
+
+def cell_coverage(masks: torch.Tensor | np.ndarray | Sequence[np.ndarray], grid_hw: tuple[int, int],
+                  cell_size_xy: tuple[float, float], device=None) -> torch.Tensor:
+    """masks (N, H, W) bool (or a sequence of N (H, W) bool arrays) -> (N, Hg, Wg) float32 on `device` (default:
+    the masks' device): the fraction of each grid cell the mask covers, in [0, 1]."""
+    N, H, W, chunk = _mask_chunks(masks, device)
+    dev = chunk(0, 0).device
     hg, wg = grid_hw
     cw, ch = cell_size_xy
-    bx = cell_bounds(wg, cw, W, masks.device)
-    by = cell_bounds(hg, ch, H, masks.device)
-    out = torch.empty(N, hg, wg, dtype=torch.float32, device=masks.device)
+    bx = cell_bounds(wg, cw, W, dev)
+    by = cell_bounds(hg, ch, H, dev)
+    out = torch.empty(N, hg, wg, dtype=torch.float32, device=dev)
     step = max(1, _CHUNK_PIXELS // max(H * W, 1))
     for n0 in range(0, N, step):
         # float32 is exact for the 0/1 running sums (< 2^24) and leaves ~1e-6 error on the coverage fractions.
-        m = masks[n0 : n0 + step].to(torch.float32)
+        m = chunk(n0, n0 + step)
         rows = _box_integrals(m, bx)  # (n, H, Wg): area per (row, cell column)
         cells = _box_integrals(rows.transpose(1, 2), by).transpose(1, 2)  # (n, Hg, Wg)
         out[n0 : n0 + step] = cells / (cw * ch)
     return out
 
 
-def mask_pool(masks: torch.Tensor | np.ndarray, feats: torch.Tensor, cell_size_xy: tuple[float, float]) -> torch.Tensor:
+def mask_pool(masks: torch.Tensor | np.ndarray | Sequence[np.ndarray], feats: torch.Tensor,
+              cell_size_xy: tuple[float, float]) -> torch.Tensor:
     """Mean feature under each mask.
 
-    masks: (N, H, W) bool at the original resolution; feats: (Hg, Wg, D) grid whose cells measure
-    `cell_size_xy` = (width, height) original px and tile the image. Returns (N, D) float32 on `feats.device`
-    (not normalised); an empty mask pools to zeros."""
+    masks: (N, H, W) bool at the original resolution, or a sequence of N (H, W) bool arrays (not stacked: see
+    `cell_coverage`); feats: (Hg, Wg, D) grid whose cells measure `cell_size_xy` = (width, height) original px and
+    tile the image. Returns (N, D) float32 on `feats.device` (not normalised); an empty mask pools to zeros."""
     if feats.ndim != 3:
         raise ValueError(f"feats must be (Hg, Wg, D), got shape {tuple(feats.shape)}")
     hg, wg, D = feats.shape
-    masks = torch.as_tensor(masks)
-    if masks.ndim != 3:
-        raise ValueError(f"masks must be (N, H, W), got shape {tuple(masks.shape)}")
-    if masks.shape[0] == 0:
+    if len(masks) == 0:
+        if not isinstance(masks, (list, tuple)) and np.ndim(masks) != 3:
+            raise ValueError(f"masks must be (N, H, W), got shape {tuple(np.shape(masks))}")
         return torch.zeros(0, D, dtype=torch.float32, device=feats.device)
-    cov = cell_coverage(masks.to(feats.device), (hg, wg), cell_size_xy).reshape(masks.shape[0], hg * wg)
+    cov = cell_coverage(masks, (hg, wg), cell_size_xy, feats.device)
+    cov = cov.reshape(cov.shape[0], hg * wg)
     # float64 accumulation: the float32 result then does not depend on the thread count's summation order, so
     # workers with different numbers of cores write the same scores.
     cov = cov.double()

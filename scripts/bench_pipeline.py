@@ -55,11 +55,12 @@ class _Device:
         self.busy += seconds
 
 
-def simulate_device_tensor_work(dev: "_Device", ms_per_crop: float, pool_ms: float) -> None:
+def simulate_device_tensor_work(dev: "_Device", ms_per_crop: float, pool_ms: float, resize_ms: float = 0.0) -> None:
     """Replace the model lane's device-side tensor work by sleeps too (in production it runs on the GPU; on this
     CPU it would be counted as host work): the sliding-window crop batches + stitching (`sliding_features_many`,
     asleep for its crops' CLIP time, returning fixed features of the real grid shape; the host-side upscale and
-    crop layout, `prepare_sliding`, stay real) and the mask pooling of Stage-1 labeling (`mask_pool`)."""
+    crop layout, `prepare_sliding`, stay real; with `--device-resize` the upscale itself is device work too,
+    `resize_ms`) and the mask pooling of Stage-1 labeling (`mask_pool`)."""
     import fmbseg.models.sliding as sliding
     import fmbseg.stage1 as stage1
 
@@ -74,6 +75,9 @@ def simulate_device_tensor_work(dev: "_Device", ms_per_crop: float, pool_ms: flo
         out = []
         for inp in inputs:
             Hu, Wu = inp.pixels.shape[:2]
+            if inp.resize_to is not None:  # the upscale on the device (fmbseg.resample.pil_resize)
+                dev.run(resize_ms / 1e3)
+                Hu, Wu = inp.resize_to
             if (Hu, Wu) not in grids:
                 grids[(Hu, Wu)] = F.normalize(torch.randn(Hu // P, Wu // P, SleepClip.embed_dim, generator=g), dim=-1)
             k = torch.arange(len(inp.boxes)) % 3  # crop k votes for class k % 3
@@ -140,10 +144,11 @@ class SleepSam:
     weights_sha256 = None
     image_size = 1024
 
-    def __init__(self, dev: _Device, encoder_ms: float, points_ms: float, amg_ms: float, n_auto: int):
+    def __init__(self, dev: _Device, encoder_ms: float, points_ms: float, amg_ms: float, n_auto: int,
+                 resize_ms: float = 0.0):
         from segment_anything.utils.transforms import ResizeLongestSide
 
-        self.dev = dev
+        self.dev, self.resize_ms = dev, resize_ms
         self.encoder_ms, self.points_ms, self.amg_ms, self.n_auto = encoder_ms, points_ms, amg_ms, n_auto
         self.device = torch.device("cpu")
         self.transform = ResizeLongestSide(self.image_size)
@@ -157,6 +162,11 @@ class SleepSam:
     def prepare(self, image: np.ndarray) -> np.ndarray:
         return self.transform.apply_image(image)
 
+    def prepare_on_device(self, image: torch.Tensor) -> torch.Tensor:
+        self.dev.run(self.resize_ms / 1e3)
+        h, w = self.transform.get_preprocess_shape(image.shape[0], image.shape[1], self.image_size)
+        return torch.empty(h, w, 3, dtype=torch.uint8)
+
     def embed(self, image: np.ndarray) -> SamEmbedding:
         return self.embed_many([image])[0]
 
@@ -169,12 +179,12 @@ class SleepSam:
         return [SamEmbedding(original_hw=im.shape[:2], input_hw=r.shape[:2], features=None)
                 for im, r in zip(images, prepared)]
 
-    def predict_points(self, emb, points):
+    def predict_points(self, emb, points, outputs="multimask"):
         self.dev.run(self.points_ms / 1e3)
-        n = len(points)
+        n, m = len(points), {"all4": 4, "multimask": 3, "single": 1}[outputs]
         blobs = self._blobs(tuple(emb.original_hw))
-        masks = np.repeat(blobs[self.n_auto : self.n_auto + n][:, None], 3, axis=1)  # the device-to-host copy
-        return masks, np.tile(np.array([0.9, 0.8, 0.7], np.float32), (n, 1))
+        masks = np.repeat(blobs[self.n_auto : self.n_auto + n][:, None], m, axis=1)  # the device-to-host copy
+        return masks, np.tile(np.array([0.9, 0.8, 0.7, 0.6][:m], np.float32), (n, 1))
 
     def generate(self, emb, cfg):
         self.dev.run(self.amg_ms / 1e3)
@@ -206,15 +216,17 @@ def _worker(args, campaign: str, shard_ids: list[int], pipeline: bool, lock, out
 
     dev = _Device(lock)
     clip = SleepClip(dev, args.clip_ms_per_crop)
-    sam = SleepSam(dev, args.sam_encoder_ms, args.points_ms, args.amg_ms, args.auto_masks)
+    sam = SleepSam(dev, args.sam_encoder_ms, args.points_ms, args.amg_ms, args.auto_masks, args.resize_ms)
     models_cache.register_models("base", "cpu", clip, sam)
-    simulate_device_tensor_work(dev, args.clip_ms_per_crop, args.pool_ms)
+    simulate_device_tensor_work(dev, args.clip_ms_per_crop, args.pool_ms, args.resize_ms)
     execution = ExecutionConfig(pipeline=pipeline, prefetch=args.prefetch, host_workers=args.host_workers,
-                                sam_batch=args.sam_batch)
+                                sam_batch=args.sam_batch, device_resize=args.device_resize)
     t0, c0 = time.perf_counter(), time.process_time()
     stats = []
     for sid in shard_ids:
         r = label_shard(campaign, sid, "cpu", retry_failed=False, execution=execution)
+        if r["failed"]:  # a stand-in out of step with the code: measure nothing rather than failing images
+            raise RuntimeError(f"shard {sid}: {r['failed']} images failed: {r['failure_reasons']}")
         stats.append(r.get("pipeline"))
     out.put((dev.busy, t0, time.perf_counter(), stats, r["timings"], time.process_time() - c0))
 
@@ -254,6 +266,62 @@ def _run(args, work: Path, mode: str, round_: int) -> tuple[float, float, dict |
     return args.images / wall, busy / wall, res[0][3][-1], timings
 
 
+def host_breakdown(folder: Path, n_auto: int, device_resize: bool = False) -> dict[str, float]:
+    """CPU ms per image of each part of the host path, one thread, the stand-ins at zero device time: the real
+    functions `label_shard` runs (serial loop's order), each timed alone with `time.thread_time`."""
+    import threading
+
+    from fmbseg.images import load_image
+    from fmbseg.models.sliding import prepare_sliding
+    from fmbseg.stage1 import Stage1Config, detect_classes, label_candidates, merge_masks, sam_candidates
+    from stages.label_pipeline import ShardRows
+    from storage.fs import CampaignRoot
+    from storage.shard_writer import commit_shard
+    from storage.tables import images_table, masks_table
+
+    dev = _Device(threading.Lock())
+    clip, sam = SleepClip(dev, 0.0), SleepSam(dev, 0.0, 0.0, 0.0, n_auto)
+    simulate_device_tensor_work(dev, 0.0, 0.0)
+    import fmbseg.models.sliding as sliding
+
+    config = Stage1Config()
+    names = [f"class{k}" for k in range(3)]
+    text = clip.encode_text(names)
+    acc = ShardRows(names)
+    parts: dict[str, float] = {}
+
+    def timed(name, fn, *a):
+        t0 = time.thread_time()
+        out = fn(*a)
+        parts[name] = parts.get(name, 0.0) + time.thread_time() - t0
+        return out
+
+    paths = sorted((folder / "images").glob("*.jpg"))
+    for i, path in enumerate(paths):
+        image = timed("decode + EXIF", load_image, str(path))
+        inp = timed("CLIP upscale (PIL bicubic, unless on the device) + crops", prepare_sliding, image,
+                    clip.input_size, clip.patch_size, config.upscale, config.max_side, device_resize)
+        prepared = (sam.prepare_on_device(torch.from_numpy(image)) if device_resize
+                    else timed("SAM long-side resize (PIL bilinear)", sam.prepare, image))
+        sf = sliding.sliding_features_many(clip, [inp], config.clip_batch_size, False)[0]
+        det = timed("detection (on the stand-in features)", detect_classes, sf, text, config)
+        emb = sam.embed_many([image], [prepared])[0]
+        cand = timed("candidates (device-to-host copies, emptiness)", sam_candidates, sam, emb, det, config)
+        masks = timed("scores (pooling input; pooling itself on the device)", label_candidates, cand, det, config)
+        selected, label = timed("seeded draw + label-map merge", merge_masks, masks, *image.shape[:2], config, 0,
+                                path.name)
+        entry = type("Entry", (), {"image_id": path.name, "path": str(path)})()
+        timed("RLE + mask rows + label-map zlib", acc.add_ok, entry, image.shape[:2], masks, selected, label)
+    root = CampaignRoot(str(folder / "breakdown-campaign"))
+
+    def commit():
+        commit_shard(root, 0, "x" * 64, images_table(acc.rows, names), masks_table(acc.cols, names), acc.labels,
+                     failure_reasons={}, seconds=0.0, code_version="bench")
+
+    timed("shard commit (Parquet, Zarr, fsync; per image)", commit)
+    return {k: 1e3 * v / len(paths) for k, v in parts.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=32, help="images per run (default 32; even)")
@@ -266,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--amg-ms", type=float, default=3.7e12 / (EFFICIENCY * PEAK_BF16) * 1e3)
     ap.add_argument("--points-ms", type=float, default=0.3)
     ap.add_argument("--pool-ms", type=float, default=0.5, help="mask pooling of one image on the device")
+    ap.add_argument("--device-resize", action="store_true",
+                    help="the CLIP upscale and SAM resize on the device (ExecutionConfig.device_resize, the CUDA "
+                         "default), each taking --resize-ms of simulated device time instead of host CPU")
+    ap.add_argument("--resize-ms", type=float, default=0.15,
+                    help="device time of one exact resize (estimate: ~40 small int32 kernels on a few MB)")
     ap.add_argument("--auto-masks", type=int, default=60, help="automatic masks per image (default 60)")
     ap.add_argument("--gpu-scale", type=float, default=1.0,
                     help="multiply every simulated GPU time (e.g. 10: a device 10x slower than the H200 estimate, "
@@ -273,8 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", type=int, default=4)
     ap.add_argument("--host-workers", type=int, default=2)
     ap.add_argument("--sam-batch", type=int, default=None)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also print CPU ms per image of each host part (one thread, the real functions)")
     args = ap.parse_args(argv)
-    for name in ("clip_ms_per_crop", "sam_encoder_ms", "amg_ms", "points_ms", "pool_ms"):
+    for name in ("clip_ms_per_crop", "sam_encoder_ms", "amg_ms", "points_ms", "pool_ms", "resize_ms"):
         setattr(args, name, getattr(args, name) * args.gpu_scale)
 
     work = Path(tempfile.mkdtemp(prefix="fmbseg-bench-pipeline-"))
@@ -286,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.images} JPEGs {args.size[0]}x{args.size[1]}; simulated GPU per image: CLIP "
               f"{args.clip_ms_per_crop:.3f} ms/crop, SAM encoder {args.sam_encoder_ms:.1f} ms, AMG "
               f"{args.amg_ms:.1f} ms, points {args.points_ms:.1f} ms; {args.auto_masks} automatic masks/image")
+        if args.breakdown:
+            torch.set_num_threads(1)
+            host_breakdown(work / "w", args.auto_masks, args.device_resize)  # warm-up
+            parts = host_breakdown(work / "w", args.auto_masks, args.device_resize)
+            print("\nhost CPU per image, ms (one thread, the real host functions; the stand-ins' device time 0):")
+            for k, v in parts.items():
+                print(f"  {k:55} {v:6.1f}")
+            print(f"  {'total':55} {sum(parts.values()):6.1f}")
         _run(args, work, "serial", -1)  # warm-up: imports, first allocations, page cache
         results: dict[str, list] = {m: [] for m in args.modes}
         for r in range(args.rounds):
@@ -304,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
           "= CPU time the workers used: with c free cores the bound is reachable only if host CPU / c < GPU time):")
     for m, rs in results.items():
         print(f"{m:14} " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in rs[-1][3].items()))
+    print("\nhost cores the bound needs (0.9 x host CPU per image / GPU time per image; the CPUs this run could get "
+          "bound it above):")
+    for m, rs in results.items():
+        gpu = statistics.median(x[1] / x[0] for x in rs)  # s of simulated GPU per image = (busy / wall) / (n / wall)
+        cpu = statistics.median(x[3]["host CPU"] for x in rs)
+        print(f"{m:14} GPU {1e3 * gpu:.1f} ms/image, host CPU {1e3 * cpu:.1f} ms/image -> {0.9 * cpu / gpu:.2f} cores "
+              f"(this run used {cpu * statistics.median(x[0] for x in rs):.2f})")
     for m, rs in results.items():
         st = rs[-1][2]
         if st:

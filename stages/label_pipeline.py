@@ -4,7 +4,9 @@ host work of other images runs beside it.
 Three lanes, one shard:
 - ahead (a pool of `host_workers` threads, at most `prefetch` images in flight): decode + EXIF (`load_image`), the
   CLIP upscale and crop layout (`prepare_sliding`), SAM's long-side resize (`sam.prepare`); the upscaled image is
-  pinned on CUDA so its upload is asynchronous. PIL and the JPEG/PNG decoders release the GIL, so threads do.
+  pinned on CUDA so its upload is asynchronous. PIL and the JPEG/PNG decoders release the GIL, so threads do. With
+  `ExecutionConfig.device_resize` (CUDA default) both resizes run in the model lane on the device instead
+  (`fmbseg.resample.pil_resize`, PIL's bytes) and only the original image is pinned.
 - model (the calling thread): groups of up to `sam_batch` prepared images: the sliding-window CLIP pass (crops
   batched across the group's images on CUDA), `detect_classes`, one `sam.embed_many` over the group, then per image
   `sam_candidates` + `label_candidates` (fmbseg/stage1.py's phases, the ones `run_stage1` composes).
@@ -52,12 +54,16 @@ class ExecutionConfig:
     host_workers: threads doing that host work.
     sam_batch: images per SAM encoder batch (and per CLIP crop-filling group); None = 1 on CPU (batching buys
       nothing there and CPU GEMMs are not bit-stable across batch sizes), 4 on CUDA.
+    device_resize: the CLIP upscale and SAM's long-side resize on the model's device from the uploaded original
+      (`fmbseg.resample.pil_resize`: PIL's bytes, half of the host CPU per image off the host) instead of PIL in
+      the ahead threads; None = on CUDA only (on CPU the torch version is far slower than PIL).
     """
 
     pipeline: bool = True
     prefetch: int = 4
     host_workers: int = 2
     sam_batch: int | None = None
+    device_resize: bool | None = None
 
     def __post_init__(self):
         for name in ("prefetch", "host_workers"):
@@ -68,36 +74,26 @@ class ExecutionConfig:
                                            or self.sam_batch < 1):
             raise ValueError(f"sam_batch must be an integer >= 1 (or None for the device's default), got "
                              f"{self.sam_batch!r}")
+        if self.device_resize is not None and not isinstance(self.device_resize, bool):
+            raise ValueError(f"device_resize must be true, false or None (the device's default), got "
+                             f"{self.device_resize!r}")
 
     def resolved_sam_batch(self, device: torch.device) -> int:
         return self.sam_batch if self.sam_batch is not None else (4 if device.type == "cuda" else 1)
 
+    def resolved_device_resize(self, device: torch.device) -> bool:
+        return bool(self.device_resize) if self.device_resize is not None else device.type == "cuda"
 
-RLE_CHUNK = 4
 
-
-def _encode_in_chunks(masks: Sequence, hw: tuple[int, int]) -> EncodedMasks:
-    """`encode_masks` of the masks' (H, W) bool arrays -> the same bytes as one call on their stack.
-
-    Each chunk of RLE_CHUNK masks is written straight into the column-major uint8 buffer pycocotools reads (one
-    transposing copy per mask, instead of a stack copy and then a Fortran-order copy), and pycocotools, which holds
-    the GIL for a whole call, gets short calls with a yield between them: the model lane, which wakes from every
-    device wait needing the GIL, gets it within one chunk instead of one image's worth of masks."""
-    H, W = hw
+def _encode_image_masks(masks: Sequence, hw: tuple[int, int]) -> EncodedMasks:
+    """`encode_masks` of one image's Stage-1 masks (their (H, W) bool arrays, no stack copy), each checked to have
+    the image's size."""
+    for m in masks:
+        if m.mask.shape != tuple(hw):
+            raise RuntimeError(f"Stage 1 returned a {m.mask.shape} mask for a {tuple(hw)} image")
     if not masks:
-        return encode_masks(np.zeros((0, H, W), bool))
-    parts = []
-    for i in range(0, len(masks), RLE_CHUNK):
-        chunk = [m.mask for m in masks[i : i + RLE_CHUNK]]
-        buf = np.empty((H, W, len(chunk)), np.uint8, order="F")
-        for j, m in enumerate(chunk):
-            if m.shape != (H, W):
-                raise RuntimeError(f"Stage 1 returned a {m.shape} mask for a {(H, W)} image")
-            buf[:, :, j] = m
-        parts.append(encode_masks(buf.transpose(2, 0, 1)))  # (n, H, W) view; its (H, W, n) is `buf`, no copy
-        time.sleep(0)  # drop the GIL: a waiting model lane takes it now, not after the switch interval
-    return EncodedMasks([c for p in parts for c in p.counts], np.concatenate([p.area for p in parts]),
-                        np.concatenate([p.bbox for p in parts]))
+        return encode_masks(np.zeros((0, *hw), bool))
+    return encode_masks([m.mask for m in masks])
 
 
 def failure_row(entry, reason: str, kind: str, hw: tuple[int, int] | None) -> dict:
@@ -138,7 +134,7 @@ class ShardRows:
         selected = np.asarray(selected, bool).reshape(-1)
         if selected.shape[0] != n:
             raise RuntimeError(f"Stage 1 returned {selected.shape[0]} selection flags for {n} masks")
-        enc = _encode_in_chunks(masks, hw)
+        enc = _encode_image_masks(masks, hw)
         new = {
             "image_id": [entry.image_id] * n,
             "mask_id": list(range(n)),
@@ -292,6 +288,8 @@ def label_entries(entries: Sequence, clip, sam, text: torch.Tensor, config, seed
     pin = device.type == "cuda"
     sam_prepare = getattr(sam, "prepare", None)
     embed_many = getattr(sam, "embed_many", None)
+    device_resize = execution.resolved_device_resize(device)
+    sam_prepare_on_device = getattr(sam, "prepare_on_device", None) if device_resize and sam_prepare else None
     stats = PipelineStats(host_workers=execution.host_workers)
     busy_lock = threading.Lock()
     t_start = time.perf_counter()
@@ -306,10 +304,11 @@ def label_entries(entries: Sequence, clip, sam, text: torch.Tensor, config, seed
             p.seconds["decode"] = t1 - t0
             check_stage1_inputs(p.image, clip, text, config, seed, entry.image_id)
             p.clip_input = prepare_sliding(p.image, clip.input_size, clip.patch_size, config.upscale,
-                                           config.max_side)
+                                           config.max_side, device_resize)
             if pin:
                 p.clip_input.pixels = torch.from_numpy(p.clip_input.pixels).pin_memory()
-            p.sam_input = sam_prepare(p.image) if sam_prepare is not None else None
+            if sam_prepare_on_device is None:
+                p.sam_input = sam_prepare(p.image) if sam_prepare is not None else None
             p.seconds["prepare"] = time.perf_counter() - t1
         except Exception as e:
             p.seconds.setdefault("decode", time.perf_counter() - t0)
@@ -330,6 +329,15 @@ def label_entries(entries: Sequence, clip, sam, text: torch.Tensor, config, seed
         stats.model_busy += now - t
         return now
 
+    def sam_input(p: _Prepared):
+        """SAM's resized input: prepared ahead on the host, or now on the device from the uploaded original (the
+        CLIP input's pinned copy when it is the original) with PIL on the host for a size `pil_resize` cannot do."""
+        if sam_prepare_on_device is None:
+            return p.sam_input
+        src = p.clip_input.pixels if p.clip_input.resize_to is not None else p.image
+        out = sam_prepare_on_device(torch.as_tensor(src).to(sam.device, non_blocking=True))
+        return out if out is not None else sam_prepare(p.image)
+
     def run_group(group: list[_Prepared]) -> list[_Done]:
         """Model phases of a group; raises if a batched call fails (the caller then retries image by image)."""
         t = time.perf_counter()
@@ -341,7 +349,7 @@ def label_entries(entries: Sequence, clip, sam, text: torch.Tensor, config, seed
         if todo:
             if embed_many is not None:
                 out = embed_many([group[i].image for i in todo],
-                                 [group[i].sam_input for i in todo] if sam_prepare is not None else None)
+                                 [sam_input(group[i]) for i in todo] if sam_prepare is not None else None)
             else:
                 out = [sam.embed(group[i].image) for i in todo]
             embs = dict(zip(todo, out))

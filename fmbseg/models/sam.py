@@ -251,6 +251,18 @@ class SegmentAnythingModel:
         label pipeline can run it ahead of the GPU."""
         return self.transform.apply_image(image)
 
+    def prepare_on_device(self, image: torch.Tensor) -> torch.Tensor | None:
+        """`prepare` of an (H, W, 3) uint8 tensor on the device -> the same bytes as a device tensor
+        (`fmbseg.resample.pil_resize`, bilinear as `ResizeLongestSide`'s PIL path), or None when Pillow's pass order
+        for this size is unknown (the caller then uses `prepare`)."""
+        from fmbseg.resample import pass_order, pil_resize
+
+        H, W = int(image.shape[0]), int(image.shape[1])
+        h, w = self.transform.get_preprocess_shape(H, W, self.image_size)
+        if pass_order((H, W), (h, w), "bilinear") is None:
+            return None
+        return pil_resize(image, h, w, "bilinear")
+
     @torch.no_grad()
     def embed_many(self, images: list[np.ndarray], prepared: list[np.ndarray] | None = None) -> list[SamEmbedding]:
         """`embed` of several images in one encoder batch -> one SamEmbedding each, equal to `embed(image)` up to

@@ -17,7 +17,8 @@ Exact reorganisations of the stock computation (each checked bit for bit against
   image-side projections, the positional encoding) is computed once per image (`GridDecoder`), not per prompt;
 - the predicted-IoU filter runs on the low-resolution logits, so only survivors are upsampled to full size;
 - the decode batch (`SegmentAnythingModel.points_per_batch`, chosen for the device) is an execution setting: every
-  per-mask value is computed independently of the other prompts in its batch, so outputs do not depend on it.
+  per-mask value is computed independently of the other prompts in its batch, so outputs do not depend on it;
+- survivors are bit-packed on the device (`packbits_rows`) before they are copied to the host for NMS.
 
 Choices where the stock generator has none: masks are also filtered by area *before* NMS (so an out-of-range mask
 never suppresses a valid one), with `min_area_frac`/`max_area_frac` of the original image area, and empty masks are
@@ -130,6 +131,23 @@ class GridDecoder:
         return masks, iou_pred
 
 
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def packbits_rows(masks: torch.Tensor, torch_ops: bool | None = None) -> np.ndarray:
+    """(n, L) bool on any device -> `np.packbits(masks.cpu().numpy(), axis=1)`, (n, ceil(L / 8)) uint8, packed on
+    the device: 8x fewer bytes cross to the host, and the host packs nothing (both were host time per image).
+    `torch_ops` None: on any device but the CPU, where numpy packs (faster there than the torch ops)."""
+    if not (torch_ops if torch_ops is not None else masks.device.type != "cpu"):
+        return np.packbits(masks.numpy(), axis=1)
+    n, L = masks.shape
+    if L % 8:
+        masks = torch.cat([masks, masks.new_zeros(n, -L % 8)], dim=1)  # np.packbits pads the last byte with 0s
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=masks.device)
+    # Distinct bits: the uint8 sum is exact (at most 255).
+    return (masks.reshape(n, masks.shape[1] // 8, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8).cpu().numpy()
+
+
 @torch.no_grad()
 def generate_masks(model, emb: SamEmbedding, cfg: AutoMaskConfig) -> list[AutoMask]:
     """`model` is a `SegmentAnythingModel`; -> masks (H, W) bool at the original resolution, best first."""
@@ -176,14 +194,14 @@ def generate_masks(model, emb: SamEmbedding, cfg: AutoMaskConfig) -> list[AutoMa
         boxes.append(batched_mask_to_box(masks).float().cpu())
         ious.append(iou.cpu())
         stabs.append(stability.float().cpu())
-        packed.append(np.packbits(masks.flatten(1).cpu().numpy(), axis=1))
+        packed.append(packbits_rows(masks.flatten(1)))
 
     if not packed:
         return []
     boxes_t, ious_t, stabs_t = torch.cat(boxes), torch.cat(ious), torch.cat(stabs)
     keep = batched_nms(boxes_t, ious_t, torch.zeros(len(boxes_t), dtype=torch.long), iou_threshold=cfg.box_nms_thresh)
     bits = np.concatenate(packed)[keep.numpy()]
-    masks = np.unpackbits(bits, axis=1, count=h * w).reshape(-1, h, w).astype(bool)
+    masks = np.unpackbits(bits, axis=1, count=h * w).reshape(-1, h, w).view(bool)  # 0/1 bytes: no bool copy
     return [
         AutoMask(segmentation=m, predicted_iou=float(i), stability_score=float(s))
         for m, i, s in zip(masks, ious_t[keep].tolist(), stabs_t[keep].tolist())

@@ -20,6 +20,7 @@ from PIL import Image
 
 from fmbseg.device import autocast
 from fmbseg.models.base import ClipModel
+from fmbseg.resample import pass_order, pil_resize
 
 
 @dataclass
@@ -104,27 +105,42 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
 class SlidingInput:
     """The host half of the sliding-window pass for one image (no model work; runs ahead in the label pipeline).
 
-    pixels: (Hu, Wu, 3) uint8 upscaled image (a numpy array, or a pinned uint8 tensor for a fast upload).
+    pixels: (Hu, Wu, 3) uint8 upscaled image (a numpy array, or a pinned uint8 tensor for a fast upload); or, with
+      `resize_to` = (Hu, Wu) set, the original (H, W, 3) image, upscaled on the model's device by
+      `fmbseg.resample.pil_resize` (the same bytes as PIL's: no host CPU for the upscale).
     boxes: (N, 4) int64 XYXY crops in upscaled px, row-major; image_hw: (H, W) of the original image."""
 
     pixels: np.ndarray | torch.Tensor
     boxes: np.ndarray
     image_hw: tuple[int, int]
+    resize_to: tuple[int, int] | None = None
 
 
 def prepare_sliding(image: np.ndarray, crop_size: int, patch_size: int, upscale: float = 2.0,
-                    max_side: int = 2048) -> SlidingInput:
-    """Upscale `image` (H, W, 3) uint8 RGB (PIL bicubic) and lay out its crops (see the module docstring)."""
+                    max_side: int = 2048, device_resize: bool = False) -> SlidingInput:
+    """Upscale `image` (H, W, 3) uint8 RGB (PIL bicubic) and lay out its crops (see the module docstring).
+    `device_resize`: leave the upscale to `sliding_features_many` on the model's device (same bytes), unless
+    `fmbseg.resample.pass_order` cannot tell Pillow's pass order for this size (then PIL, here)."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         desc = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {desc}")
     S, P = int(crop_size), int(patch_size)
     H, W = image.shape[:2]
     Hu, Wu = upscaled_size(H, W, S, P, upscale, max_side)
-    up = resize_image(np.ascontiguousarray(image), Hu, Wu)
     ys, xs = crop_offsets(Hu, S, P), crop_offsets(Wu, S, P)
     boxes = np.array([(x, y, x + S, y + S) for y in ys for x in xs], dtype=np.int64)
+    if device_resize and pass_order((H, W), (Hu, Wu), "bicubic") is not None:
+        return SlidingInput(pixels=np.ascontiguousarray(image), boxes=boxes, image_hw=(H, W), resize_to=(Hu, Wu))
+    up = resize_image(np.ascontiguousarray(image), Hu, Wu)
     return SlidingInput(pixels=np.array(up, copy=True), boxes=boxes, image_hw=(H, W))
+
+
+def _device_pixels(inp: SlidingInput, device: torch.device) -> torch.Tensor:
+    """(3, Hu, Wu) float in [0, 1] on `device`: the upload, the upscale there when `inp.resize_to` asks for it."""
+    x = torch.as_tensor(inp.pixels).to(device, non_blocking=True)
+    if inp.resize_to is not None:
+        x = pil_resize(x, *inp.resize_to, "bicubic")
+    return x.permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
 def sliding_features_many(clip: ClipModel, inputs: list[SlidingInput], batch_size: int = 32,
@@ -141,8 +157,7 @@ def sliding_features_many(clip: ClipModel, inputs: list[SlidingInput], batch_siz
     device = clip.device
     n = S // P
     # Channels-first and contiguous once, so each crop is a cheap row-wise copy.
-    pixels = [torch.as_tensor(inp.pixels).to(device, non_blocking=True).permute(2, 0, 1).contiguous().float()
-              .div_(255.0) for inp in inputs]
+    pixels = [_device_pixels(inp, device) for inp in inputs]
     work = [(i, box) for i, inp in enumerate(inputs) for box in inp.boxes]
     if across_images:
         chunks = [work[b0 : b0 + batch_size] for b0 in range(0, len(work), batch_size)]

@@ -78,3 +78,29 @@ def test_grid_must_tile_the_image():
         cell_coverage(np.zeros((1, 10, 10), bool), (2, 2), (4.0, 5.0))
     with pytest.raises(ValueError, match=r"\(Hg, Wg, D\)"):
         mask_pool(np.zeros((1, 10, 10), bool), torch.zeros(2, 2), (5.0, 5.0))
+
+
+def test_mask_pool_of_a_list_equals_the_stack():
+    """The label pipeline hands its masks over unstacked: same float32 bits as the stacked call, odd sizes and
+    chunk boundaries included."""
+    import fmbseg.pooling as pooling
+
+    rng = np.random.default_rng(5)
+    H, W = 37, 53
+    hg, wg = 8, 11  # cells of 4.625 x 4.818 px: fractional, tiling the image
+    feats = torch.from_numpy(rng.normal(size=(hg, wg, 6))).float()
+    masks = rng.random((7, H, W)) < rng.random((7, 1, 1))
+    masks[3] = False
+    cell = (W / wg, H / hg)
+    for chunk_pixels in (1 << 23, 3 * H * W):  # one chunk, and chunks of 3 masks
+        old = pooling._CHUNK_PIXELS
+        pooling._CHUNK_PIXELS = chunk_pixels
+        try:
+            a, b = mask_pool(masks, feats, cell), mask_pool(list(masks), feats, cell)
+            assert torch.equal(a, b)
+            assert torch.equal(cell_coverage(masks, (hg, wg), cell), cell_coverage(list(masks), (hg, wg), cell))
+        finally:
+            pooling._CHUNK_PIXELS = old
+    assert mask_pool([], feats, cell).shape == (0, 6)
+    with pytest.raises(ValueError, match="must all be"):
+        mask_pool([masks[0], masks[1][:, :-1]], feats, cell)

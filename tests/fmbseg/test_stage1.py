@@ -135,6 +135,26 @@ def test_painting_order_hand_made():
         merge_label_map(masks, [True], H, W)
 
 
+@pytest.mark.parametrize("hw", [(1, 1), (37, 53), (120, 7)])
+def test_merge_label_map_equals_painting_in_score_order(hw):
+    """Random overlapping masks with tied scores, empty and full masks: the map equals painting each selected mask
+    with boolean indexing in stable increasing-score order (the reference implementation)."""
+    H, W = hw
+    rng = np.random.default_rng(H * W)
+    n = 40
+    scores = rng.choice([0.1, 0.2, 0.5, 0.7], n)  # many ties
+    masks = [Stage1Mask("1.2", int(rng.integers(0, 300)), float(s), 0.9, rng.random((H, W)) < rng.random())
+             for s in scores]
+    masks[3].mask[:] = False
+    masks[5].mask[:] = True
+    selected = rng.random(n) < 0.8
+    expect = np.full((H, W), IGNORE_LABEL, np.uint16)
+    for i in sorted(np.flatnonzero(selected), key=lambda i: masks[i].score):  # sorted() is stable
+        expect[masks[i].mask] = masks[i].class_id
+    got = merge_label_map(masks, selected, H, W)
+    assert got.dtype == np.uint16 and np.array_equal(got, expect)
+
+
 # ----------------------------------------------------------------------------------- the planted-signal check
 
 class CountingSam:

@@ -184,15 +184,15 @@ def test_cli_label_profile_prints_the_time_split_and_idle_fractions(world, tmp_p
 
 
 @pytest.mark.parametrize("n", [0, 1, 4, 9])
-def test_chunked_rle_equals_one_encode_masks_call(n):
+def test_image_masks_encode_as_their_stack(n):
     from types import SimpleNamespace
 
-    from stages.label_pipeline import _encode_in_chunks
+    from stages.label_pipeline import _encode_image_masks
     from storage.tables import decode_rle, encode_masks
 
     rng = np.random.default_rng(n)
     stack = rng.random((n, 37, 53)) < rng.random((n, 1, 1))
-    got = _encode_in_chunks([SimpleNamespace(mask=m) for m in stack], (37, 53))
+    got = _encode_image_masks([SimpleNamespace(mask=m) for m in stack], (37, 53))
     ref = encode_masks(stack)
     assert got.counts == ref.counts
     assert np.array_equal(got.area, ref.area) and got.area.dtype == ref.area.dtype
@@ -200,4 +200,24 @@ def test_chunked_rle_equals_one_encode_masks_call(n):
     for c, m in zip(got.counts, stack):
         assert np.array_equal(decode_rle(c, 37, 53), m)
     with pytest.raises(RuntimeError, match="mask for a"):
-        _encode_in_chunks([SimpleNamespace(mask=np.zeros((37, 52), bool))], (37, 53))
+        _encode_image_masks([SimpleNamespace(mask=np.zeros((37, 52), bool))], (37, 53))
+
+
+@pytest.mark.parametrize("preset", ["oracle", "tiny"])
+def test_device_resize_campaign_is_byte_equal_to_the_serial_loop(world, tmp_path, one_torch_thread, preset):
+    """The CLIP upscale and SAM resize on the model's device (`ExecutionConfig.device_resize`, on by default on
+    CUDA; here the CPU torch version) write the bytes of the serial loop's PIL resizes."""
+    kw = {"stage1": {"points_per_side": 4}} if preset == "tiny" else {}
+    s = _label(world, tmp_path / "serial", SERIAL, preset=preset, shard_size=5, **kw)
+    p = _label(world, tmp_path / "dev", ExecutionConfig(device_resize=True), preset=preset, shard_size=5, **kw)
+    assert (s["ok"], s["masks"]) == (p["ok"], p["masks"]) and s["masks"] > 0
+    _assert_same_campaign(tmp_path / "serial", tmp_path / "dev")
+
+
+def test_device_resize_defaults_to_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not ExecutionConfig().resolved_device_resize(cpu) and ExecutionConfig().resolved_device_resize(cuda)
+    assert ExecutionConfig(device_resize=True).resolved_device_resize(cpu)
+    assert not ExecutionConfig(device_resize=False).resolved_device_resize(cuda)
+    with pytest.raises(ValueError, match="device_resize"):
+        ExecutionConfig(device_resize="yes")

@@ -70,6 +70,54 @@ def test_rle_area_bbox_against_hand_computed_values():
     assert encode_masks(np.zeros((0, 4, 4), bool)).counts == []
 
 
+def _pycocotools_encode(masks: np.ndarray):
+    """The reference: pycocotools on the Fortran-ordered uint8 stack (what `encode_masks` did before it was
+    vectorised), area in chunks of 255 (pycocotools 2.0.11 overflows beyond)."""
+    from pycocotools import mask as mask_utils
+
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    area = np.concatenate([np.asarray(mask_utils.area(rles[i : i + 255]), np.int64) for i in range(0, len(rles), 255)])
+    return [r["counts"] for r in rles], area, np.asarray(mask_utils.toBbox(rles), np.float32).reshape(-1, 4)
+
+
+def _varied_mask_stacks():
+    rng = np.random.default_rng(11)
+    for h, w in [(1, 1), (1, 17), (23, 1), (2, 2), (37, 53), (64, 48), (31, 8)]:
+        n = int(rng.integers(1, 9))
+        yield f"noise {h}x{w}", rng.random((n, h, w)) < rng.random((n, 1, 1))
+        yield f"sparse {h}x{w}", rng.random((n, h, w)) < 0.03
+    full = np.ones((3, 9, 7), bool)
+    full[1] = False  # an empty mask between two full ones
+    yield "full and empty", full
+    rows = np.zeros((2, 12, 10), bool)
+    rows[0, 5, :] = True  # one row: every run is one pixel
+    rows[1, 11, 2:5] = True  # bottom row
+    rows[1, 0, 3:6] = True  # top row: runs continue from the column before -> toBbox spans every row
+    yield "rows", rows
+    big = np.zeros((2, 700, 900), bool)  # counts above 2^16 (4-character codes) and negative deltas
+    big[0, 699, 899] = True
+    big[1, 3, 0] = big[1, 650, 880] = big[1, 10:600, 400:420] = True
+    yield "large counts", big
+    yield "many masks", rng.random((300, 5, 6)) < 0.5
+    yield "non-contiguous views", (rng.random((4, 40, 60)) < 0.5)[:, ::2, 1::3]
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["stack", "list"])
+def test_encode_masks_is_byte_equal_to_pycocotools(as_list):
+    for name, masks in _varied_mask_stacks():
+        counts, area, bbox = _pycocotools_encode(masks)
+        enc = encode_masks(list(masks) if as_list else masks)
+        assert enc.counts == counts, name
+        assert all(type(c) is bytes for c in enc.counts)
+        assert enc.area.dtype == np.int64 and np.array_equal(enc.area, area), name
+        assert enc.bbox.dtype == np.float32 and np.array_equal(enc.bbox, bbox), name
+        h, w = masks.shape[1:]
+        for c, m in zip(enc.counts, masks):
+            assert np.array_equal(decode_rle(c, h, w), m), name
+    with pytest.raises(ValueError, match="must all be"):
+        encode_masks([np.zeros((4, 5), bool), np.zeros((5, 4), bool)])
+
+
 def write_demo_campaign(url, n_images=5, shard_size=2):
     root = CampaignRoot(url)
     m = CampaignManifest(stage1={"a": 1}, vocabulary={"names": VOCAB, "synonyms": [[], [], []]}, preset="oracle",

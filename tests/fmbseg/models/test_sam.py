@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fmbseg.models.base import AutoMask, AutoMaskConfig, SamModel
-from fmbseg.models.sam_automask import grid_points
+from fmbseg.models.sam_automask import grid_points, packbits_rows
 from fmbseg.presets import make_sam, stage1_overrides
 
 TINY_AUTO = AutoMaskConfig(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_area_frac=0.0)
@@ -200,3 +200,13 @@ def test_bf16_autocast_path_matches_float32(sam, image, monkeypatch):
     print(f"\nbf16 vs fp32: mask agreement {agree:.4f}, max |iou diff| {(iou16 - iou32).abs().max():.4f}")
     assert agree > 0.95
     assert len(sam.generate(emb16, TINY_AUTO)) >= 1
+
+
+def test_packbits_rows_equals_numpy_packbits():
+    """The automatic-mask survivors are bit-packed on the device before the copy to the host: the same bytes as
+    `np.packbits` of the copied masks, rows whose length is not a multiple of 8 included."""
+    rng = np.random.default_rng(0)
+    for n, length in [(0, 5), (1, 1), (3, 7), (5, 8), (4, 17), (2, 1001), (3, 64 * 48)]:
+        m = rng.random((n, length)) < rng.random()
+        got = packbits_rows(torch.from_numpy(m), torch_ops=True)  # the device path (CUDA default)
+        assert got.dtype == np.uint8 and np.array_equal(got, np.packbits(m, axis=1)), (n, length)
