@@ -34,7 +34,9 @@ def write_latest(campaign: str, checkpoint: str, train_hash: str, epochs: int) -
     fs, path = fsspec.core.url_to_fs(checkpoint)          # the same normal form as the root's (URL or OS path)
     base = root.path.rstrip("/\\")
     inside = type(fs) is type(root.fs) and path.startswith(base) and path[len(base):len(base) + 1] in ("/", "\\")
-    rel = path[len(base) + 1:].replace("\\", "/") if inside else checkpoint
+    # outside the campaign: absolute, since read_latest resolves a relative pointer against the campaign
+    outside = checkpoint if "://" in checkpoint else os.path.abspath(checkpoint)
+    rel = path[len(base) + 1:].replace("\\", "/") if inside else outside
     pointer = {"checkpoint": rel, "train_hash": train_hash, "epochs": int(epochs),
                "written_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     root.write_json(LATEST, pointer)

@@ -116,3 +116,14 @@ def test_progress_off_a_terminal_is_a_few_lines_ending_with_the_step_count(campa
     off.update(10)
     off.close()
     assert quiet.getvalue() == ""
+
+
+def test_latest_of_a_relative_out_outside_the_campaign_names_that_file(tmp_path, monkeypatch):
+    """`fmbseg train --campaign c --out elsewhere/model.pt`: the pointer reaches elsewhere/model.pt (from any
+    working directory), not c/elsewhere/model.pt."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "campaign.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    write_latest("c", os.path.join("elsewhere", "model.pt"), "h", 3)
+    monkeypatch.chdir("/")
+    assert read_latest(str(tmp_path / "c")) == str(tmp_path / "elsewhere" / "model.pt")
