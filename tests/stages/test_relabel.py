@@ -208,13 +208,19 @@ def test_the_store_is_verified_like_every_committed_file(tmp_path):
     assert relabel_shard(str(tmp_path / "c"), str(tmp_path / "c2"), 0, "cpu")["ok"] == 2
 
 
-def test_serial_and_pipelined_label_keep_the_same_store(tmp_path):
+@pytest.mark.parametrize("preset,device_resize", [("oracle", None), ("tiny", True)])
+def test_serial_and_pipelined_label_keep_the_same_store(tmp_path, one_torch_thread, preset, device_resize):
+    """Also with the resizes on the model's device and the real SAM adapter's automatic masks (tiny preset): the
+    kept features, embeddings and packed 1.2 masks are those of the serial loop."""
     from stages.label_pipeline import ExecutionConfig
 
+    kw = {"stage1": {"points_per_side": 4}} if preset == "tiny" else {}
     write_world(tmp_path / "w", 3, seed=4, sizes=((96, 128), (120, 80)), formats=("png",))
-    label(tmp_path / "w", tmp_path / "pipe", SOURCE_VOCAB, "oracle", relabel_store=True)
-    label(tmp_path / "w", tmp_path / "serial", SOURCE_VOCAB, "oracle", relabel_store=True,
-          execution=ExecutionConfig(pipeline=False))
+    label(tmp_path / "w", tmp_path / "pipe", SOURCE_VOCAB, preset, relabel_store=True,
+          execution=ExecutionConfig(device_resize=device_resize), **kw)
+    label(tmp_path / "w", tmp_path / "serial", SOURCE_VOCAB, preset, relabel_store=True,
+          execution=ExecutionConfig(pipeline=False), **kw)
+    assert_same_campaign(tmp_path / "pipe", tmp_path / "serial")
     files = sorted(p.relative_to(tmp_path / "pipe") for p in (tmp_path / "pipe" / "relabel.zarr").rglob("*")
                    if p.is_file())
     assert len(files) > 10
