@@ -2,8 +2,10 @@
 
 `run_relabel(RelabelConfig(campaign=C, vocab=NEW, out=C2))` writes a new campaign C2 whose `images`, `masks` and
 `labels.zarr` are those a full `fmbseg label` with NEW on the same images (same Stage-1 config, preset, models,
-seed, shard lists) writes — bit for bit when relabel runs on the same kind of device that labelled C — and C2 keeps
-a relabel store itself, so it can be relabelled again.
+seed, shard lists) writes — bit for bit when relabel runs on the same kind of device that labelled C; one
+exception on CUDA: an image that gets its first SAM pass during relabel (below) is encoded alone, while label
+batches the encoder (`sam_batch`), which can move its embedding by bf16 noise — and C2 keeps a relabel store
+itself, so it can be relabelled again.
 
 C must have been labelled with `fmbseg label --relabel-store` (fmbseg >= `RELABEL_STORE_SINCE`): every committed
 shard then holds `relabel.zarr/NNNNNN/` (storage/relabel_store.py, fmbseg/kept.py): per image the sliding-window
