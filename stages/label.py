@@ -99,6 +99,40 @@ def _model_record(clip, sam) -> dict:
     }
 
 
+def check_models(clip, sam, manifest: CampaignManifest, campaign: str, remedy: str) -> None:
+    """ValueError (naming the differing fields and `remedy`) when `clip`/`sam` are not the models `campaign` was
+    labelled with."""
+    built = _model_record(clip, sam)
+    if built != manifest.models:
+        diff = "; ".join(differing_fields({"models": manifest.models}, {"models": built}))
+        raise ValueError(f"campaign {campaign} was labelled with other models than preset {manifest.preset!r} "
+                         f"builds now ({diff}); {remedy}")
+
+
+def committed_or_redo(root: CampaignRoot, shard_id: int, stage1_hash: str, redo_failed: bool = False):
+    """Whether shard `shard_id` is already committed with `stage1_hash` -> `(marker, corrupt, done)`.
+
+    `done`: committed and its public files are (now) complete — an interrupted publish is rolled forward here.
+    Otherwise the shard must be (re)computed: `marker` is the commit to take out of the committed view first
+    (`uncommit`), `corrupt` says a marker or committed file was damaged (logged). `redo_failed`: a committed
+    shard with failed images counts as not done (`--retry-failed`)."""
+    corrupt = False
+    try:
+        marker = read_done(root, shard_id)
+    except CorruptMarker as e:  # commits nothing: relabel the shard (its marker is replaced at commit)
+        log.warning("%s; relabelling shard %d", e, shard_id)
+        marker, corrupt = None, True
+    if marker is not None and marker.stage1_hash == stage1_hash and not (redo_failed and marker.failed):
+        try:
+            if needs_publish(root, marker):
+                publish(root, marker)  # roll forward a publish that a crash interrupted
+            return marker, corrupt, True
+        except ShardDamaged as e:  # committed, but neither public nor staged files match: relabel it
+            log.warning("%s; relabelling shard %d", e, shard_id)
+            corrupt = True
+    return marker, corrupt, False
+
+
 # -- planning ---------------------------------------------------------------------------------------------------
 def _known_presets() -> list[str]:
     from fmbseg.presets import PRESETS
@@ -234,21 +268,10 @@ def label_shard(
     if manifest is None:
         raise FileNotFoundError(f"no campaign at {campaign} (campaign.json missing): run plan_campaign first")
     stage1_hash = manifest.stage1_hash()
-    corrupt = False
-    try:
-        marker = read_done(root, shard_id)
-    except CorruptMarker as e:  # commits nothing: relabel the shard (its marker is replaced at commit)
-        log.warning("%s; relabelling shard %d", e, shard_id)
-        marker, corrupt = None, True
-    if marker is not None and marker.stage1_hash == stage1_hash and not (retry_failed and marker.failed):
-        try:
-            if needs_publish(root, marker):
-                publish(root, marker)  # roll forward a publish that a crash interrupted
-            return {"shard_id": shard_id, "images": marker.images, "ok": marker.ok, "failed": marker.failed,
-                    "masks": marker.masks, "seconds": 0.0, "skipped": True}
-        except ShardDamaged as e:  # committed, but neither public nor staged files match: relabel it
-            log.warning("%s; relabelling shard %d", e, shard_id)
-            corrupt = True
+    marker, corrupt, done = committed_or_redo(root, shard_id, stage1_hash, redo_failed=retry_failed)
+    if done:
+        return {"shard_id": shard_id, "images": marker.images, "ok": marker.ok, "failed": marker.failed,
+                "masks": marker.masks, "seconds": 0.0, "skipped": True}
     root.check_writable()  # a read-only campaign fails here, not after the shard's compute
     faults.checkpoint("computing")
     entries = read_shard(root, shard_id)
@@ -260,12 +283,8 @@ def label_shard(
 
     config = stage1_config_from_manifest(manifest)
     clip, sam = models_cache.get_models(manifest.preset, device, config.dense_mode)
-    if _model_record(clip, sam) != manifest.models:
-        diff = "; ".join(differing_fields({"models": manifest.models}, {"models": _model_record(clip, sam)}))
-        raise ValueError(
-            f"campaign {campaign} was labelled with other models than preset {manifest.preset!r} builds now "
-            f"({diff}); rerun `fmbseg label` with --overwrite, or use another --campaign directory"
-        )
+    check_models(clip, sam, manifest, campaign,
+                 "rerun `fmbseg label` with --overwrite, or use another --campaign directory")
     vocab = Vocabulary.from_json(manifest.vocabulary)
     text = models_cache.text_embeddings(clip, vocab, config.templates)
     keep = manifest.relabel_store

@@ -40,15 +40,15 @@ from fmbseg.images import ImageDecodeError, load_image
 from fmbseg.kept import kept_from_arrays, kept_to_arrays
 from fmbseg.vocab import Vocabulary, parse_vocab
 from stages import models_cache
-from stages.label import _model_record, stage1_config_from_manifest
+from stages.label import check_models, committed_or_redo, stage1_config_from_manifest
 from stages.label_pipeline import ShardRows
 from storage.campaign import CampaignManifest, differing_fields, read_manifest, write_manifest
 from storage.fs import CampaignRoot
 from storage.layout import images_path, shard_list_path
-from storage.markers import CorruptMarker, DoneMarker, read_done, read_done_or_none
+from storage.markers import DoneMarker, read_done_or_none
 from storage.planning import ImageEntry, planned_shards, read_shard
 from storage.relabel_store import build_relabel_group, has_relabel_store, read_relabel_group, relabel_file_prefix
-from storage.shard_writer import ShardDamaged, commit_shard, needs_publish, publish, read_committed, uncommit
+from storage.shard_writer import commit_shard, read_committed, uncommit
 from storage.tables import images_table, masks_table, parquet_bytes_to_table
 
 log = logging.getLogger(__name__)
@@ -169,21 +169,10 @@ def relabel_shard(campaign: str, out: str, shard_id: int, device: str = "auto", 
     out_hash = manifest.stage1_hash()
     base = {"shard_id": shard_id, "images": 0, "ok": 0, "failed": 0, "masks": 0, "new_sam_passes": 0,
             "seconds": 0.0, "skipped": False, "missing": False}
-    corrupt = False
-    try:
-        marker = read_done(root, shard_id)
-    except CorruptMarker as e:
-        log.warning("%s; relabelling shard %d", e, shard_id)
-        marker, corrupt = None, True
-    if marker is not None and marker.stage1_hash == out_hash:
-        try:
-            if needs_publish(root, marker):
-                publish(root, marker)
-            return {**base, "images": marker.images, "ok": marker.ok, "failed": marker.failed,
-                    "masks": marker.masks, "skipped": True}
-        except ShardDamaged as e:
-            log.warning("%s; relabelling shard %d", e, shard_id)
-            corrupt = True
+    marker, corrupt, done = committed_or_redo(root, shard_id, out_hash)
+    if done:
+        return {**base, "images": marker.images, "ok": marker.ok, "failed": marker.failed,
+                "masks": marker.masks, "skipped": True}
     root.check_writable()
     t_start = time.perf_counter()
     timings = dict.fromkeys(TIMING_KEYS, 0.0)
@@ -193,10 +182,7 @@ def relabel_shard(campaign: str, out: str, shard_id: int, device: str = "auto", 
     src_marker, src_rows, store_files, store = source
     config = stage1_config_from_manifest(src_manifest)
     clip, sam = models_cache.get_models(src_manifest.preset, device, config.dense_mode)
-    if _model_record(clip, sam) != src_manifest.models:
-        diff = "; ".join(differing_fields({"models": src_manifest.models}, {"models": _model_record(clip, sam)}))
-        raise ValueError(f"campaign {campaign} was labelled with other models than preset {src_manifest.preset!r} "
-                         f"builds now ({diff}); relabel needs the same models")
+    check_models(clip, sam, src_manifest, campaign, "relabel needs the same models")
     vocab = Vocabulary.from_json(manifest.vocabulary)
     text = models_cache.text_embeddings(clip, vocab, config.templates)
     entries = {e.image_id: e for e in read_shard(root, shard_id)}
