@@ -30,7 +30,7 @@ from fmbseg.images import ImageDecodeError, load_image
 from fmbseg.kept import kept_to_arrays
 from fmbseg.vocab import Vocabulary, parse_vocab
 from stages import models_cache
-from stages.label_pipeline import ExecutionConfig, ShardRows, failure_row, label_entries
+from stages.label_pipeline import ExecutionConfig, ShardRows, failure_of, failure_row, label_entries
 from stages.latest_checkpoint import LATEST
 from storage import faults
 from storage.campaign import CampaignManifest, differing_fields, read_manifest, write_manifest
@@ -322,8 +322,7 @@ def label_shard(
                 timings["decode"] += time.perf_counter() - t0
                 acc.add_failure(entry, str(e), e.kind, e.hw)
             except Exception as e:  # a bug or resource error in one image must not kill the shard
-                log.warning("image %s of shard %d failed", entry.image_id, shard_id, exc_info=True)
-                acc.add_failure(entry, f"{type(e).__name__}: {e}", type(e).__name__, hw)
+                acc.add_failure(entry, *failure_of(e, entry, shard_id), hw)
             if on_image is not None:
                 on_image(acc.n_masks, acc.n_failed)
     rows, cols, labels = acc.rows, acc.cols, acc.labels

@@ -91,8 +91,6 @@ def _encode_image_masks(masks: Sequence, hw: tuple[int, int]) -> EncodedMasks:
     for m in masks:
         if m.mask.shape != tuple(hw):
             raise RuntimeError(f"Stage 1 returned a {m.mask.shape} mask for a {tuple(hw)} image")
-    if not masks:
-        return encode_masks(np.zeros((0, *hw), bool))
     return encode_masks([m.mask for m in masks])
 
 
@@ -180,16 +178,6 @@ class PipelineStats:
     prefetch_busy: float = 0.0
     host_workers: int = 0
 
-    def fractions(self) -> dict[str, float]:
-        w = self.wall or float("nan")
-        return {
-            "model_busy": self.model_busy / w,
-            "gpu_waiting_for_host": self.model_wait_host / w,
-            "host_waiting_for_gpu": self.writer_wait_model / w,
-            "writer_busy": self.writer_busy / w,
-            "prefetch_busy": self.prefetch_busy / (w * max(self.host_workers, 1)),
-        }
-
     def to_dict(self) -> dict[str, Any]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
@@ -216,7 +204,9 @@ class _Done:
     kept: Any = None  # Stage1Kept, when the shard keeps a relabel store
 
 
-def _failure_of(e: BaseException, entry, shard_id: int) -> tuple[str, str]:
+def failure_of(e: BaseException, entry, shard_id: int) -> tuple[str, str]:
+    """`(reason, kind)` of an image's failure for its row; an error other than a decode error is logged with its
+    traceback (a bug or resource error in one image must not kill the shard)."""
     if isinstance(e, ImageDecodeError):
         return str(e), e.kind
     log.warning("image %s of shard %d failed", entry.image_id, shard_id, exc_info=e)
@@ -254,7 +244,7 @@ class _Writer(threading.Thread):
                         self.acc.add_ok(item.entry, item.hw, item.masks, selected, label, item.kept)
                         self.timings["storage"] += time.perf_counter() - t2
                     except Exception as e:  # one image's bad result must not kill the shard
-                        self.acc.add_failure(item.entry, *_failure_of(e, item.entry, self.shard_id), item.hw)
+                        self.acc.add_failure(item.entry, *failure_of(e, item.entry, self.shard_id), item.hw)
                 else:
                     self.acc.add_failure(item.entry, *item.error, item.hw)
                 if self.on_image is not None:
@@ -314,7 +304,7 @@ def label_entries(entries: Sequence, clip, sam, text: torch.Tensor, config, seed
             p.seconds.setdefault("decode", time.perf_counter() - t0)
             if isinstance(e, ImageDecodeError):
                 p.hw = e.hw
-            p.error = _failure_of(e, entry, shard_id)
+            p.error = failure_of(e, entry, shard_id)
             p.image = p.clip_input = p.sam_input = None
         with busy_lock:
             stats.prefetch_busy += time.perf_counter() - t0
@@ -369,7 +359,7 @@ def label_entries(entries: Sequence, clip, sam, text: torch.Tensor, config, seed
                 done.append(_Done(p.entry, p.hw, masks=label_candidates(cand, det, config), kept=kept))
                 t = lap("labeling", t)
             except Exception as e:  # one image's decoder/pooling failure: its own failed row
-                done.append(_Done(p.entry, p.hw, error=_failure_of(e, p.entry, shard_id)))
+                done.append(_Done(p.entry, p.hw, error=failure_of(e, p.entry, shard_id)))
                 t = lap("labeling", t)
         return done
 
@@ -418,14 +408,14 @@ def label_entries(entries: Sequence, clip, sam, text: torch.Tensor, config, seed
                     results = {id(p): d for p, d in zip(ok, run_group(ok))}
                 except Exception as e:
                     if len(ok) == 1:
-                        results = {id(ok[0]): _Done(ok[0].entry, ok[0].hw, error=_failure_of(e, ok[0].entry,
+                        results = {id(ok[0]): _Done(ok[0].entry, ok[0].hw, error=failure_of(e, ok[0].entry,
                                                                                              shard_id))}
                     else:  # find the failing image: each one alone (exact: the per-image path)
                         for p in ok:
                             try:
                                 results[id(p)] = run_group([p])[0]
                             except Exception as e:
-                                results[id(p)] = _Done(p.entry, p.hw, error=_failure_of(e, p.entry, shard_id))
+                                results[id(p)] = _Done(p.entry, p.hw, error=failure_of(e, p.entry, shard_id))
             for p in group:
                 hand_over(results[id(p)] if p.error is None else _Done(p.entry, p.hw, error=p.error))
                 p.image = p.clip_input = p.sam_input = None  # free the host copies early

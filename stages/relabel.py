@@ -41,7 +41,7 @@ from fmbseg.kept import kept_from_arrays, kept_to_arrays
 from fmbseg.vocab import Vocabulary, parse_vocab
 from stages import models_cache
 from stages.label import check_models, committed_or_redo, stage1_config_from_manifest
-from stages.label_pipeline import ShardRows
+from stages.label_pipeline import ShardRows, failure_of
 from storage.campaign import CampaignManifest, differing_fields, read_manifest, write_manifest
 from storage.fs import CampaignRoot
 from storage.layout import images_path, shard_list_path
@@ -217,8 +217,7 @@ def relabel_shard(campaign: str, out: str, shard_id: int, device: str = "auto", 
             except ImageDecodeError as e:
                 acc.add_failure(entry, str(e), e.kind, e.hw)
             except Exception as e:  # one image's failure must not stop the shard (as in label)
-                log.warning("image %s of shard %d failed", entry.image_id, shard_id, exc_info=True)
-                acc.add_failure(entry, f"{type(e).__name__}: {e}", type(e).__name__, hw)
+                acc.add_failure(entry, *failure_of(e, entry, shard_id), hw)
         if on_image is not None:
             on_image(acc.n_masks, acc.n_failed)
     t_store = time.perf_counter()
