@@ -21,7 +21,6 @@ Scale-out, two ways:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import posixpath
 import time
@@ -44,7 +43,7 @@ from stages.label import LabelConfig, build_stage1_config, label_shard, plan_cam
 from storage.campaign import read_manifest
 from storage.fs import CampaignRoot
 from storage.layout import DONE_DIR, done_path, parse_shard_file
-from storage.markers import DoneMarker
+from storage.markers import CorruptMarker, parse_marker
 
 # Errors that no retry can fix: bad arguments, a changed Stage-1 config, missing inputs.
 _PERMANENT_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError)
@@ -128,12 +127,13 @@ def pending_shards(campaign: str, shard_ids: list[int], retry_failed: bool = Fal
     blobs = root.fs.cat(paths, on_error="omit") if paths else {}
     ok = set()
     for path, blob in blobs.items():
+        sid = parse_shard_file(posixpath.basename(path.replace(os.sep, "/")))
         try:
-            marker = DoneMarker.from_json(json.loads(blob))
-        except (ValueError, TypeError):
+            marker = parse_marker(done_path(sid), blob, sid)
+        except CorruptMarker:
             continue  # unreadable: label_shard decides what to do with it
         if marker.stage1_hash == stage1_hash and not (retry_failed and marker.failed):
-            ok.add(parse_shard_file(posixpath.basename(path.replace(os.sep, "/"))))
+            ok.add(sid)
     return [int(s) for s in shard_ids if int(s) not in ok]
 
 
